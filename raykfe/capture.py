@@ -1,0 +1,224 @@
+"""Record layer inputs ``a`` and per-example output gradients ``Ds``, and turn them into K-FAC sums.
+
+One statistics pass over ``batches`` (an iterable of ``(x, y)`` with ``x [N, ...]``, ``y [N]``):
+
+1. the model is put in eval mode (BatchNorm uses its running statistics, ALGORITHMS.md section 0);
+2. a forward hook on every prunable layer adds ``a_sum`` of its input to the layer's ``A_sum`` and
+   registers a tensor hook on its output (tensor hooks survive in-place activations such as
+   torchvision's ``ReLU(inplace=True)``, which break full backward module hooks);
+3. labels are sampled from the model's predictive distribution (``fisher="true"``, a seeded
+   generator) or taken from the data (``fisher="empirical"``);
+4. the loss is the SUM over the batch of ``-log p(y|x)``, so the gradient reaching each layer output
+   is already the per-example ``Ds`` (no batch-size rescaling); the tensor hook adds ``s_sum``.
+
+Parameters are switched to ``requires_grad=False`` for the pass (and restored afterwards) and the
+input is made to require grad instead, so backward computes activation gradients only, no weight
+gradients: the pass costs less than a plain training step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import ConfigError
+from .factors import LayerStats
+from .layers import Adapter, make_adapter, positions, unsupported_reason
+
+__all__ = ["collect_factors", "find_layers", "trace_layers", "LayerGeometry", "FISHER_TYPES"]
+
+FISHER_TYPES = ("true", "empirical")
+
+
+@dataclass(frozen=True)
+class LayerGeometry:
+    """Shapes seen by a layer for ONE example (batch dim dropped), and calls per forward."""
+
+    in_shape: tuple[int, ...]
+    out_shape: tuple[int, ...]
+    calls: int = 1
+
+
+def find_layers(model: nn.Module, conv_mode: str = "patch") -> tuple[dict[str, Adapter], dict[str, str]]:
+    """Adapters for the prunable layers, and ``{name: reason}`` for weight layers left dense.
+
+    Names are as in ``model.named_modules()``. A "weight layer" is any module owning a weight
+    with two or more dims (convs, linears, embeddings ...); BatchNorm and friends are not listed.
+    """
+    if conv_mode not in ("patch", "full"):
+        raise ConfigError(f"conv_mode={conv_mode!r} is not known: use 'patch' (default) or 'full'")
+    adapters: dict[str, Adapter] = {}
+    skipped: dict[str, str] = {}
+    for name, module in model.named_modules():
+        w = getattr(module, "weight", None)
+        if not isinstance(w, torch.Tensor) or w.dim() < 2 or name == "":
+            continue
+        reason = unsupported_reason(module)
+        if reason is None:
+            adapters[name] = make_adapter(name, module, conv_mode)
+        else:
+            skipped[name] = reason
+    return adapters, skipped
+
+
+@torch.no_grad()
+def trace_layers(model: nn.Module, example_input: torch.Tensor, names: Iterable[str] | None = None) -> dict[str, LayerGeometry]:
+    """Run one forward on ``example_input`` and record each named module's per-example shapes.
+
+    The returned dict is in forward (call) order; modules that were never called are absent.
+    """
+    wanted = set(names) if names is not None else None
+    seen: dict[str, list] = {}
+    handles = []
+
+    def hook_for(name):
+        def hook(mod, inputs, output):
+            if not inputs or not isinstance(inputs[0], torch.Tensor) or not isinstance(output, torch.Tensor):
+                return
+            if name in seen:
+                seen[name][2] += 1
+            else:
+                seen[name] = [tuple(inputs[0].shape[1:]), tuple(output.shape[1:]), 1]
+        return hook
+
+    for name, module in model.named_modules():
+        if name and (wanted is None or name in wanted) and not list(module.children()):
+            handles.append(module.register_forward_hook(hook_for(name)))
+    was_training = model.training
+    model.eval()
+    try:
+        model(example_input)
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    return {n: LayerGeometry(v[0], v[1], v[2]) for n, v in seen.items()}
+
+
+def _layer_meta(adapter: Adapter, geo: LayerGeometry) -> dict:
+    return {
+        "kind": adapter.kind,
+        "mode": adapter.mode,
+        "fold_bias": adapter.fold_bias,
+        "has_bias": adapter.has_bias,
+        "c_in": adapter.module.in_channels if adapter.kind == "conv" else adapter.module.in_features,
+        "k2": adapter.k2 if adapter.kind == "conv" else 1,
+        "d_in": adapter.d_in,
+        "d_out": adapter.d_out,
+        "in_shape": list(geo.in_shape),
+        "out_shape": list(geo.out_shape),
+        "positions": positions((1, *geo.out_shape), adapter.kind),
+    }
+
+
+def collect_factors(
+    model: nn.Module,
+    batches: Iterable,
+    fisher: str = "true",
+    conv_mode: str = "patch",
+    *,
+    seed: int = 0,
+    layers: Iterable[str] | None = None,
+    max_batches: int | None = None,
+    device: str | torch.device | None = None,
+    progress: bool = False,
+) -> dict[str, LayerStats]:
+    """K-FAC statistics of every prunable layer of ``model`` over ``batches``.
+
+    Returns ``{module name: LayerStats}`` (``.A`` and ``.S`` are the mean factors, float64).
+    ``layers`` restricts the pass to some layer names. The model's parameters, mode and grads are
+    left as they were.
+    """
+    if fisher not in FISHER_TYPES:
+        raise ConfigError(f"fisher={fisher!r} is not known: use 'true' (sampled labels) or 'empirical'")
+    adapters, _ = find_layers(model, conv_mode)
+    if layers is not None:
+        wanted = list(layers)
+        missing = [n for n in wanted if n not in adapters]
+        if missing:
+            raise ConfigError(f"layers {missing} are not prunable Linear/Conv2d modules of the model")
+        adapters = {n: adapters[n] for n in wanted}
+    if not adapters:
+        raise ConfigError("the model has no prunable layer (Linear or Conv2d with groups=1): nothing to collect")
+    if device is None:
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    gen = torch.Generator().manual_seed(int(seed))
+
+    stats: dict[str, LayerStats] = {}
+    geometry: dict[str, LayerGeometry] = {}
+    state = {"calls": {}}
+
+    def fwd_hook(name: str, adapter: Adapter):
+        def hook(mod, inputs, output):
+            x = inputs[0]
+            if name not in stats:
+                geo = LayerGeometry(tuple(x.shape[1:]), tuple(output.shape[1:]))
+                geometry[name] = geo
+                stats[name] = LayerStats.zeros(adapter.d_in, adapter.d_out, _layer_meta(adapter, geo), device=x.device)
+            state["calls"][name] = state["calls"].get(name, 0) + 1
+            if state["calls"][name] > 1:
+                raise ConfigError(
+                    f"layer {name!r} is called more than once per forward (shared weights): "
+                    "exclude it with prune.exclude or use a model without weight sharing"
+                )
+            st = stats[name]
+            st.A_sum += adapter.a_sum(x).to(torch.float64)
+            if output.requires_grad:
+
+                def grad_hook(g: torch.Tensor) -> None:  # must return None: the grad is unchanged
+                    st.S_sum.add_(adapter.s_sum(g).to(torch.float64))
+
+                output.register_hook(grad_hook)
+        return hook
+
+    handles = [a.module.register_forward_hook(fwd_hook(n, a)) for n, a in adapters.items()]
+    flags = {p: p.requires_grad for p in model.parameters()}
+    was_training = model.training
+    model.eval()
+    iterator = batches
+    if progress:
+        from tqdm.auto import tqdm
+
+        iterator = tqdm(batches, desc="statistics", total=max_batches, leave=False)
+    try:
+        for p in flags:
+            p.requires_grad_(False)
+        for b, batch in enumerate(iterator):
+            if max_batches is not None and b >= max_batches:
+                break
+            x, y = batch[0], batch[1]
+            x = x.to(device)
+            if x.is_floating_point():
+                x = x.detach().requires_grad_(True)
+            else:  # integer inputs (token ids) cannot carry grad: let the parameters do it
+                for p, flag in flags.items():
+                    p.requires_grad_(flag)
+            state["calls"] = {}
+            with torch.enable_grad():
+                logits = model(x)
+                if logits.dim() != 2:
+                    raise ConfigError(f"the model's output has shape {tuple(logits.shape)}: raykfe expects logits [N, classes]")
+                if fisher == "true":
+                    probs = torch.softmax(logits.detach().double(), dim=1).cpu()
+                    y = torch.multinomial(probs, 1, generator=gen).squeeze(1).to(logits.device)
+                else:
+                    y = y.to(logits.device)
+                loss = F.cross_entropy(logits, y, reduction="sum")
+                loss.backward()
+            n = x.shape[0]
+            for name in stats:
+                stats[name].count += n
+    finally:
+        for h in handles:
+            h.remove()
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
+        model.train(was_training)
+    if not stats:
+        raise ConfigError("no batch was seen: the data given for statistics is empty")
+    # layers the forward pass never reached have no statistics and are not returned
+    return {n: stats[n] for n in adapters if n in stats}

@@ -1,0 +1,191 @@
+"""Training and evaluation in plain PyTorch (SGD + momentum, multi-step LR, cross-entropy).
+
+Tensor layouts
+--------------
+Loaders yield ``(x, y)`` batches with ``x`` float32 ``[B, C, H, W]`` and ``y`` int64 ``[B]``;
+the model maps ``x`` to logits float32 ``[B, num_classes]``.
+
+Epochs are numbered from 1 in the records and messages. The learning rate of epoch ``e``
+(1-based) is ``lr * gamma ** k`` where ``k`` counts the milestones ``m <= e - 1``; milestones are
+``floor(f * epochs + 0.5)`` for each fraction ``f`` in ``TrainSettings.milestones``.
+
+Mode handling: :func:`train` leaves the model in train mode (validation inside it switches to
+eval and back); :func:`evaluate` leaves it in eval mode.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from raykfe.errors import ConfigError, DataError, RaykfeError
+
+__all__ = ["TrainSettings", "train", "evaluate", "milestone_epochs"]
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """Fine-tuning hyper-parameters.
+
+    ``milestones`` are fractions of ``epochs`` at which the LR is multiplied by ``gamma``.
+    ``batch_size`` is for the caller building the loaders (``train`` takes ready loaders).
+    """
+
+    epochs: int
+    lr: float
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    milestones: tuple[float, ...] = (0.5, 0.75)
+    gamma: float = 0.1
+    batch_size: int = 64
+
+    def __post_init__(self) -> None:
+        def bad(key: str, value: Any, want: str) -> ConfigError:
+            return ConfigError(f"finetune.{key} must be {want}, got {value!r}")
+
+        def number(v: Any) -> bool:
+            return not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)
+
+        if isinstance(self.epochs, bool) or not isinstance(self.epochs, int) or self.epochs < 0:
+            raise bad("epochs", self.epochs, "a non-negative integer")
+        if not number(self.lr) or self.lr <= 0:
+            raise bad("lr", self.lr, "a positive number")
+        if not number(self.momentum) or not 0 <= self.momentum < 1:
+            raise bad("momentum", self.momentum, "a number in [0, 1)")
+        if not number(self.weight_decay) or self.weight_decay < 0:
+            raise bad("weight_decay", self.weight_decay, "a non-negative number")
+        if not number(self.gamma) or self.gamma <= 0:
+            raise bad("gamma", self.gamma, "a positive number")
+        if (
+            isinstance(self.batch_size, bool)
+            or not isinstance(self.batch_size, int)
+            or self.batch_size < 1
+        ):
+            raise bad("batch_size", self.batch_size, "a positive integer")
+        ms = self.milestones
+        if not isinstance(ms, (tuple, list)) or not all(number(f) and 0 <= f <= 1 for f in ms):
+            raise bad("milestones", ms, "a list of fractions in [0, 1]")
+        object.__setattr__(self, "milestones", tuple(float(f) for f in ms))
+
+
+def milestone_epochs(settings: TrainSettings) -> list[int]:
+    """Milestone fractions turned into epoch counts (sorted, unique, within ``1..epochs-1``)."""
+    out = {int(math.floor(f * settings.epochs + 0.5)) for f in settings.milestones}
+    return sorted(m for m in out if 1 <= m < settings.epochs)
+
+
+def _batches(
+    loader: Iterable, device: torch.device
+) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+    for x, y in loader:
+        yield x.to(device), y.to(device)
+
+
+def train(
+    model: nn.Module,
+    train_loader: Iterable,
+    settings: TrainSettings,
+    *,
+    val_loader: Iterable | None = None,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+    desc: str = "train",
+    on_epoch: Callable[[dict[str, Any]], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Train ``model`` in place with SGD; returns one record per epoch.
+
+    Each record is ``{"epoch": int (1-based), "loss": float (mean train loss), "train_acc": float,
+    "val_acc": float | None, "lr": float (the LR used in that epoch)}``; ``on_epoch`` is called
+    with it after each epoch.
+
+    Raises:
+        RaykfeError: the training loss became NaN/Inf.
+        DataError: the train loader yielded no batch.
+    """
+    from tqdm import tqdm
+
+    device = torch.device(device)
+    model.to(device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ConfigError("the model has no trainable parameters: unfreeze some before training")
+    optimizer = torch.optim.SGD(
+        params, lr=settings.lr, momentum=settings.momentum, weight_decay=settings.weight_decay
+    )
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(
+        optimizer, milestones=milestone_epochs(settings), gamma=settings.gamma
+    )
+    records: list[dict[str, Any]] = []
+    model.train()
+    bar = tqdm(range(1, settings.epochs + 1), desc=desc, disable=not progress, leave=False)
+    for epoch in bar:
+        lr = float(optimizer.param_groups[0]["lr"])
+        loss_sum, correct, seen = 0.0, 0, 0
+        for x, y in _batches(train_loader, device):
+            logits = model(x)
+            loss = F.cross_entropy(logits, y)
+            if not torch.isfinite(loss):
+                raise RaykfeError(
+                    f"fine-tuning diverged at epoch {epoch} (loss {loss.item()}): "
+                    f"lower the learning rate (finetune.lr={settings.lr})"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            n = int(y.numel())
+            loss_sum += float(loss.detach()) * n
+            correct += int((logits.detach().argmax(dim=1) == y).sum())
+            seen += n
+        if seen == 0:
+            raise DataError("the training loader yielded no batches: check the train split size")
+        scheduler.step()
+        val_acc = None
+        if val_loader is not None:
+            val_acc = evaluate(model, val_loader, device=device)["accuracy"]
+            model.train()
+        record = {
+            "epoch": epoch,
+            "loss": loss_sum / seen,
+            "train_acc": correct / seen,
+            "val_acc": val_acc,
+            "lr": lr,
+        }
+        records.append(record)
+        postfix = {"loss": f"{record['loss']:.4f}"}
+        if val_acc is not None:
+            postfix["val_acc"] = f"{val_acc:.4f}"
+        bar.set_postfix(postfix)
+        if on_epoch is not None:
+            on_epoch(record)
+    bar.close()
+    return records
+
+
+def evaluate(
+    model: nn.Module, loader: Iterable, *, device: str | torch.device = "cpu"
+) -> dict[str, float]:
+    """Accuracy in [0, 1] and mean cross-entropy of ``model`` over ``loader``.
+
+    The model is put in eval mode and left there.
+
+    Raises:
+        DataError: the loader yielded no examples.
+    """
+    device = torch.device(device)
+    model.to(device)
+    model.eval()
+    loss_sum, correct, seen = 0.0, 0, 0
+    with torch.no_grad():
+        for x, y in _batches(loader, device):
+            logits = model(x)
+            loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
+            correct += int((logits.argmax(dim=1) == y).sum())
+            seen += int(y.numel())
+    if seen == 0:
+        raise DataError("cannot evaluate on an empty loader: check the split size")
+    return {"accuracy": correct / seen, "loss": loss_sum / seen}

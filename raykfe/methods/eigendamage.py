@@ -1,0 +1,44 @@
+"""EigenDamage importance (ALGORITHMS.md section 3): scores of KFE directions in loss units.
+
+For a layer with augmented weights ``W~`` (``[d_out, d_in]``, or ``[d_out, d_in, k*k]`` in patch
+mode, see :mod:`raykfe.layers`) and eigenbasis ``(Q_A, l_A, Q_S, l_S)``:
+
+* ``W' = Q_S^T W~ Q_A`` (patch mode: per kernel offset);
+* entry score ``dL_ij = 1/2 * l_S[i] * l_A[j] * sum_kappa W'_ij,kappa^2`` -- the predicted loss
+  increase of zeroing that KFE weight (the Fisher is diagonal in the KFE, so OBD == OBS: no
+  compensating update);
+* output direction i (a column of ``Q_S``, a row of ``W'``) scores ``sum_j dL_ij``; input direction j
+  (a column of ``Q_A``) scores ``sum_i dL_ij``.
+
+The original code omits the 1/2; raykfe keeps it so that scores are predicted loss increases.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..eigen import Eigenbasis
+
+__all__ = ["kfe_weight", "entry_scores", "unit_scores"]
+
+
+def kfe_weight(w: torch.Tensor, basis: Eigenbasis) -> torch.Tensor:
+    """``W' = Q_S^T W~ Q_A`` in float64, same layout as ``w``."""
+    w = w.to(torch.float64)
+    if w.dim() == 2:
+        return basis.QS.T @ w @ basis.QA
+    return torch.einsum("oi,ock,cj->ijk", basis.QS, w, basis.QA)
+
+
+def entry_scores(w_kfe: torch.Tensor, basis: Eigenbasis) -> torch.Tensor:
+    """``dL [d_out, d_in]``: 1/2 l_S[i] l_A[j] ||W'_ij||^2 (summed over kernel offsets)."""
+    sq = w_kfe.pow(2)
+    if sq.dim() == 3:
+        sq = sq.sum(dim=2)
+    return 0.5 * sq * basis.lS[:, None] * basis.lA[None, :]
+
+
+def unit_scores(w_kfe: torch.Tensor, basis: Eigenbasis) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row scores ``[d_out]``, column scores ``[d_in]``) of the output and input directions."""
+    d = entry_scores(w_kfe, basis)
+    return d.sum(dim=1), d.sum(dim=0)

@@ -1,0 +1,332 @@
+"""Scores + target -> a pruning plan: pure data with a JSON round trip.
+
+Targets are strings, the same in the API, the CLI and YAML:
+
+* ``params:F`` -- remove a fraction F of the model's parameters;
+* ``flops:F``  -- remove a fraction F of the model's multiply-accumulates (for the example input);
+* ``directions:F`` -- remove a fraction F of all eigen-directions (rows + columns of ``W'`` of the
+  pruned layers), the paper's ratio.
+
+Selection is global. Every output direction (row) and input direction (column) of every pruned
+layer is a unit with a score in loss units. Per layer and axis only the ``cap`` lowest-scored units
+are eligible (``cap = min(floor(max_layer_ratio * n), n - 1)``, so one direction always survives);
+the eligible units of all layers are sorted by score and the k lowest are removed. For params/flops
+k is chosen by bisection with EXACT counts of the rebuilt model (:func:`kfe_cost`, equal to what
+:func:`raykfe.counting.count` measures on it), so the achieved reduction is the smallest one at or
+above the target. A layer whose three-layer form would be larger (in the target's metric: MACs for
+``flops``, parameters otherwise) than its dense form stays dense with nothing removed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from .errors import ConfigError
+
+__all__ = [
+    "Target",
+    "parse_target",
+    "LayerPlan",
+    "Plan",
+    "kfe_cost",
+    "dense_cost",
+    "select",
+    "PLAN_FORMAT",
+]
+
+PLAN_FORMAT = 1
+TARGET_KINDS = ("params", "flops", "directions")
+
+
+@dataclass(frozen=True)
+class Target:
+    kind: str
+    fraction: float
+
+    def __str__(self) -> str:
+        return f"{self.kind}:{self.fraction:g}"
+
+
+def parse_target(target: "str | Target") -> Target:
+    """``'flops:0.5'`` -> ``Target('flops', 0.5)``; a one-line ConfigError otherwise."""
+    if isinstance(target, Target):
+        return target
+    fix = "write it as 'params:F', 'flops:F' or 'directions:F' with 0 < F < 1, e.g. 'flops:0.5'"
+    if not isinstance(target, str) or target.count(":") != 1:
+        raise ConfigError(f"target {target!r} is malformed: {fix}")
+    kind, _, value = target.partition(":")
+    kind = kind.strip().lower()
+    if kind not in TARGET_KINDS:
+        raise ConfigError(f"target kind {kind!r} in {target!r} is not known: {fix}")
+    try:
+        fraction = float(value)
+    except ValueError:
+        raise ConfigError(f"target fraction {value!r} in {target!r} is not a number: {fix}") from None
+    if not (0.0 < fraction < 1.0) or not math.isfinite(fraction):
+        raise ConfigError(f"target fraction {fraction:g} in {target!r} is outside (0, 1): {fix}")
+    return Target(kind, fraction)
+
+
+# --------------------------------------------------------------------------------------------
+# exact costs of one layer, dense or rebuilt; ``meta`` is LayerStats.meta (see capture._layer_meta)
+# --------------------------------------------------------------------------------------------
+
+
+def dense_cost(meta: dict) -> tuple[int, int]:
+    """(params, MACs per example) of the layer as it is."""
+    c_in, c_out, k2, t = meta["c_in"], meta["d_out"], meta["k2"], meta["positions"]
+    params = c_out * c_in * k2 + (c_out if meta["has_bias"] else 0)
+    return params, t * c_out * c_in * k2
+
+
+def kfe_cost(meta: dict, r_in: int, r_out: int) -> tuple[int, int]:
+    """(params, MACs per example) of the three-layer form keeping r_in input / r_out output dirs."""
+    c_in, c_out, k2, t = meta["c_in"], meta["d_out"], meta["k2"], meta["positions"]
+    fold, bias = meta["fold_bias"], meta["has_bias"]
+    extra = (r_in if fold else 0) + (c_out if bias and not fold else 0)
+    if meta["kind"] == "linear":
+        per = c_in * r_in + r_in * r_out + r_out * c_out
+        return per + extra, t * per
+    if meta["mode"] == "patch":  # 1x1 at input resolution, k x k core, 1x1 out
+        pixels = int(np.prod(meta["in_shape"][1:]))
+        params = c_in * r_in + r_in * r_out * k2 + r_out * c_out + extra
+        return params, pixels * c_in * r_in + t * (r_in * r_out * k2 + r_out * c_out)
+    # full mode: k x k rotation, 1x1 core, 1x1 out
+    params = c_in * k2 * r_in + r_in * r_out + r_out * c_out + extra
+    return params, t * (c_in * k2 * r_in + r_in * r_out + r_out * c_out)
+
+
+# --------------------------------------------------------------------------------------------
+# the plan
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LayerPlan:
+    """What happens to one prunable layer. ``keep_out``/``keep_in`` index the columns of Q_S / Q_A."""
+
+    name: str
+    action: str  # "kfe" (three layers) or "dense" (left as it is)
+    kind: str
+    mode: str
+    fold_bias: bool
+    has_bias: bool
+    d_in: int
+    d_out: int
+    keep_in: list[int] = field(default_factory=list)
+    keep_out: list[int] = field(default_factory=list)
+    params: int = 0
+    macs: int = 0
+    dense_params: int = 0
+    dense_macs: int = 0
+    predicted_dloss: float = 0.0
+    reason: str = ""
+
+    @property
+    def r_in(self) -> int:
+        return len(self.keep_in)
+
+    @property
+    def r_out(self) -> int:
+        return len(self.keep_out)
+
+
+@dataclass
+class Plan:
+    """A pruning plan: pure data. ``layers`` covers every prunable layer; ``skipped`` the rest."""
+
+    method: str
+    target: str
+    layers: dict[str, LayerPlan]
+    skipped: dict[str, str] = field(default_factory=dict)
+    base_params: int = 0
+    base_macs: int = 0
+    params: int = 0
+    macs: int = 0
+    options: dict = field(default_factory=dict)
+    format: int = PLAN_FORMAT
+
+    @property
+    def params_reduction(self) -> float:
+        return 1.0 - self.params / self.base_params if self.base_params else 0.0
+
+    @property
+    def macs_reduction(self) -> float:
+        return 1.0 - self.macs / self.base_macs if self.base_macs else 0.0
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["layers"] = {n: asdict(lp) for n, lp in self.layers.items()}
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1, sort_keys=False)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Plan":
+        d = dict(d)
+        fmt = int(d.get("format", 0))
+        if fmt > PLAN_FORMAT:
+            raise ConfigError(
+                f"plan format {fmt} is newer than this raykfe understands ({PLAN_FORMAT}): upgrade raykfe"
+            )
+        d["layers"] = {n: LayerPlan(**lp) for n, lp in d["layers"].items()}
+        return cls(**d)
+
+    @classmethod
+    def from_json(cls, text: str) -> "Plan":
+        return cls.from_dict(json.loads(text))
+
+
+# --------------------------------------------------------------------------------------------
+# global selection
+# --------------------------------------------------------------------------------------------
+
+
+def _cap(n: int, ratio: float) -> int:
+    return max(0, min(int(math.floor(ratio * n)), n - 1))
+
+
+def select(
+    scores: dict[str, tuple[np.ndarray, np.ndarray]],
+    metas: dict[str, dict],
+    target: "str | Target",
+    *,
+    base_params: int,
+    base_macs: int,
+    max_layer_ratio: float = 0.95,
+    tolerance: float = 0.02,
+    entry_scores: dict[str, np.ndarray] | None = None,
+) -> tuple[dict[str, LayerPlan], dict]:
+    """Choose the units to remove for ``target``.
+
+    ``scores[name] = (row_scores [d_out], col_scores [d_in])``; ``metas[name]`` is the layer's
+    geometry. ``base_params``/``base_macs`` count the WHOLE model (all layers, pruned or not).
+    Returns the layer plans and a summary ``{k, units, achieved, ...}``.
+    """
+    tgt = parse_target(target)
+    if not (0.0 < max_layer_ratio <= 1.0):
+        raise ConfigError(f"prune.max_layer_ratio={max_layer_ratio} must be in (0, 1]")
+    metric = 1 if tgt.kind == "flops" else 0  # index into (params, macs)
+    names = list(scores)
+
+    # eligible units: per layer and axis, the `cap` lowest-scored ones
+    unit_score, unit_layer, unit_axis, unit_idx = [], [], [], []
+    total_units = 0
+    for li, name in enumerate(names):
+        for axis, s in enumerate(scores[name]):  # axis 0: rows (outputs), 1: columns (inputs)
+            s = np.asarray(s, dtype=np.float64)
+            total_units += s.size
+            order = np.argsort(s, kind="stable")[: _cap(s.size, max_layer_ratio)]
+            unit_score.append(s[order])
+            unit_layer.append(np.full(order.size, li))
+            unit_axis.append(np.full(order.size, axis))
+            unit_idx.append(order)
+    us = np.concatenate(unit_score) if unit_score else np.zeros(0)
+    order = np.argsort(us, kind="stable")
+    ul = np.concatenate(unit_layer)[order] if unit_layer else np.zeros(0, int)
+    ua = np.concatenate(unit_axis)[order] if unit_axis else np.zeros(0, int)
+    ui = np.concatenate(unit_idx)[order] if unit_idx else np.zeros(0, int)
+    n_eligible = us.size
+
+    dense = {n: dense_cost(metas[n]) for n in names}
+    dense_total = np.array([sum(dense[n][i] for n in names) for i in range(2)], dtype=np.int64)
+    base = np.array([base_params, base_macs], dtype=np.int64)
+    other = base - dense_total  # everything that is not a pruned layer
+
+    def removed_counts(k: int) -> np.ndarray:
+        """[layer, axis] numbers of removed units when the k lowest eligible units go."""
+        c = np.zeros((len(names), 2), dtype=np.int64)
+        np.add.at(c, (ul[:k], ua[:k]), 1)
+        return c
+
+    def layer_choice(name: str, r_in: int, r_out: int) -> tuple[str, tuple[int, int]]:
+        kfe = kfe_cost(metas[name], r_in, r_out)
+        return ("kfe", kfe) if kfe[metric] < dense[name][metric] else ("dense", dense[name])
+
+    def totals(k: int) -> np.ndarray:
+        c = removed_counts(k)
+        tot = other.copy()
+        for li, name in enumerate(names):
+            m = metas[name]
+            _, cost = layer_choice(name, m["d_in"] - c[li, 1], m["d_out"] - c[li, 0])
+            tot += np.array(cost, dtype=np.int64)
+        return tot
+
+    def reduction(k: int) -> float:
+        t = totals(k)
+        if tgt.kind == "directions":
+            return k / total_units if total_units else 0.0
+        return 1.0 - t[metric] / base[metric]
+
+    if tgt.kind == "directions":
+        k = int(round(tgt.fraction * total_units))
+        if k > n_eligible:
+            raise ConfigError(
+                f"target {tgt} asks for {k} of {total_units} directions but the per-layer cap allows "
+                f"{n_eligible}: lower the target or raise prune.max_layer_ratio (now {max_layer_ratio})"
+            )
+    else:
+        best = reduction(n_eligible)
+        if best < tgt.fraction - 1e-12:
+            raise ConfigError(
+                f"target {tgt} is unreachable: at most {best:.3f} with prune.max_layer_ratio={max_layer_ratio}"
+                " and the layers that can be pruned; lower the target, raise prune.max_layer_ratio"
+                " or set prune.include_classifier=true"
+            )
+        lo, hi = 0, n_eligible  # smallest k with reduction(k) >= fraction
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if reduction(mid) >= tgt.fraction:
+                hi = mid
+            else:
+                lo = mid + 1
+        k = lo
+        if k > 0 and abs(reduction(k - 1) - tgt.fraction) < abs(reduction(k) - tgt.fraction) and (
+            abs(reduction(k - 1) - tgt.fraction) <= tolerance
+        ):
+            k -= 1
+    achieved = reduction(k)
+
+    removed = {n: ([], []) for n in names}
+    for li, ax, idx in zip(ul[:k], ua[:k], ui[:k]):
+        removed[names[li]][ax].append(int(idx))
+    plans: dict[str, LayerPlan] = {}
+    for name in names:
+        m = metas[name]
+        rows_out, cols_out = set(removed[name][0]), set(removed[name][1])
+        keep_out = [i for i in range(m["d_out"]) if i not in rows_out]
+        keep_in = [j for j in range(m["d_in"]) if j not in cols_out]
+        action, cost = layer_choice(name, len(keep_in), len(keep_out))
+        reason = ""
+        if action == "dense":
+            keep_out, keep_in = list(range(m["d_out"])), list(range(m["d_in"]))
+            reason = "nothing removed" if not (rows_out or cols_out) else "three-layer form not smaller"
+        dl = 0.0
+        if action == "kfe":
+            if entry_scores is not None:
+                e = entry_scores[name]
+                dl = float(e.sum() - e[np.ix_(keep_out, keep_in)].sum())
+            else:  # upper bound: overlaps of removed rows and columns counted twice
+                dl = float(np.asarray(scores[name][0])[sorted(rows_out)].sum() + np.asarray(scores[name][1])[sorted(cols_out)].sum())
+        plans[name] = LayerPlan(
+            name=name, action=action, kind=m["kind"], mode=m["mode"], fold_bias=m["fold_bias"],
+            has_bias=m["has_bias"], d_in=m["d_in"], d_out=m["d_out"], keep_in=keep_in, keep_out=keep_out,
+            params=int(cost[0]), macs=int(cost[1]), dense_params=int(dense[name][0]),
+            dense_macs=int(dense[name][1]), predicted_dloss=dl, reason=reason,
+        )
+    tot = totals(k)
+    summary = {
+        "target": str(tgt),
+        "achieved": float(achieved),
+        "within_tolerance": bool(abs(achieved - tgt.fraction) <= tolerance),
+        "units_removed": int(k),
+        "units_total": int(total_units),
+        "params": int(tot[0]),
+        "macs": int(tot[1]),
+    }
+    return plans, summary

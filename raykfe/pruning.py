@@ -1,0 +1,257 @@
+"""``raykfe.prune``: statistics -> eigenbases -> scores -> plan -> a new, smaller model.
+
+This is the single-process reference; the distributed run computes the same pieces on Ray
+(statistics on Train workers, :func:`layer_scores` on one actor per layer) and must give the same
+plan on the same data.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass, field
+from typing import Iterable, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from .capture import collect_factors, find_layers, trace_layers
+from .counting import count
+from .eigen import Eigenbasis, eigenbasis
+from .errors import ConfigError
+from .factors import LayerStats
+from .layers import Adapter
+from .methods import METHODS
+from .methods.eigendamage import entry_scores, kfe_weight
+from .plan import Plan, parse_target, select
+from .surgery import apply_plan
+
+__all__ = ["PruneResult", "prune", "layer_scores", "LayerScores", "prunable_layers"]
+
+
+@dataclass
+class LayerScores:
+    """Everything the planner and the surgery need from one layer (float64)."""
+
+    basis: Eigenbasis
+    w_kfe: torch.Tensor  # W' [d_out, d_in(, k*k)]
+    entries: torch.Tensor  # dL [d_out, d_in]
+
+    @property
+    def rows(self) -> np.ndarray:
+        return self.entries.sum(dim=1).numpy()
+
+    @property
+    def cols(self) -> np.ndarray:
+        return self.entries.sum(dim=0).numpy()
+
+
+def layer_scores(name: str, adapter: Adapter, stats: LayerStats) -> LayerScores:
+    """Eigendecompose one layer's factors and score its KFE directions (EigenDamage)."""
+    basis = eigenbasis(name, stats)
+    w = adapter.weight_matrix()
+    if tuple(w.shape[:2]) != (stats.S_sum.shape[0], stats.A_sum.shape[0]):
+        raise ConfigError(
+            f"statistics of layer {name!r} have A{tuple(stats.A_sum.shape)}/S{tuple(stats.S_sum.shape)} but its "
+            f"weights are {tuple(w.shape[:2])}: they were collected on another model or conv_mode"
+        )
+    wk = kfe_weight(w, basis)
+    return LayerScores(basis, wk, entry_scores(wk, basis))
+
+
+@dataclass
+class PruneResult:
+    """The pruned model (a new module), its plan, and a per-layer report."""
+
+    model: nn.Module
+    plan: Plan
+    report: list[dict]
+    stats: dict[str, LayerStats] | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def table(self) -> str:
+        from .report import layer_table
+
+        return layer_table(self.report)
+
+
+def _peek(batches: Iterable) -> tuple[torch.Tensor, Iterable]:
+    """The first example of ``batches`` (for counting) and an iterable that still yields everything."""
+    if isinstance(batches, (list, tuple)) or hasattr(batches, "__len__") and hasattr(batches, "dataset"):
+        first = next(iter(batches), None)
+        rest = batches
+    else:
+        it = iter(batches)
+        first = next(it, None)
+        rest = itertools.chain([first], it) if first is not None else []
+    if first is None:
+        raise ConfigError("no batch was given: the data for statistics is empty")
+    x = first[0] if isinstance(first, (list, tuple)) else first
+    return x[:1], rest
+
+
+def prunable_layers(
+    model: nn.Module,
+    example_input: torch.Tensor,
+    *,
+    conv_mode: str = "patch",
+    include_classifier: bool = False,
+    exclude: Sequence[str] = (),
+) -> tuple[dict[str, Adapter], dict[str, str]]:
+    """Adapters of the layers to prune, in forward order, and ``{name: reason}`` for the rest."""
+    adapters, skipped = find_layers(model, conv_mode)
+    geo = trace_layers(model, example_input)
+    for name in exclude:
+        if name not in adapters and name not in skipped:
+            raise ConfigError(f"prune.exclude names {name!r}, which is not a layer of the model")
+    order = [n for n in geo if n in adapters]
+    for name in adapters:
+        if name not in geo:
+            skipped[name] = "not called in the forward pass"
+    for name in exclude:
+        if name in adapters:
+            skipped[name] = "excluded by prune.exclude"
+    if order and not include_classifier:
+        skipped[order[-1]] = "classifier (kept by default; prune.include_classifier=true prunes it)"
+    chosen = {n: adapters[n] for n in order if n not in skipped}
+    if not chosen:
+        raise ConfigError(
+            "the model has no prunable layer (Linear, or Conv2d with groups=1, other than the classifier): "
+            "use another model or set prune.include_classifier=true"
+        )
+    return chosen, skipped
+
+
+def prune(
+    model: nn.Module,
+    batches: Iterable,
+    method: str = "eigendamage",
+    target: str = "flops:0.5",
+    *,
+    fisher: str = "true",
+    conv_mode: str = "patch",
+    max_layer_ratio: float = 0.95,
+    include_classifier: bool = False,
+    exclude: Sequence[str] = (),
+    tolerance: float = 0.02,
+    freeze_rotations: bool = False,
+    seed: int = 0,
+    stats: Mapping[str, LayerStats] | None = None,
+    max_batches: int | None = None,
+    example_input: torch.Tensor | None = None,
+    progress: bool = False,
+) -> PruneResult:
+    """Prune ``model`` with ``method`` to ``target`` using K-FAC statistics of ``batches``.
+
+    ``batches`` yields ``(x, y)``; ``y`` is used only with ``fisher="empirical"``. Pass ``stats``
+    (from :func:`raykfe.collect_factors`) to reuse statistics. The input model is left unchanged.
+    """
+    if method not in METHODS:
+        raise ConfigError(f"method {method!r} is not known: choose one of {', '.join(METHODS)}")
+    tgt = parse_target(target)
+    timings: dict[str, float] = {}
+    if example_input is None:
+        example_input, batches = _peek(batches)
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    example_input = example_input.to(device)
+    adapters, skipped = prunable_layers(
+        model, example_input, conv_mode=conv_mode, include_classifier=include_classifier, exclude=exclude
+    )
+
+    t0 = time.perf_counter()
+    if stats is None:
+        stats = collect_factors(
+            model, batches, fisher=fisher, conv_mode=conv_mode, seed=seed, layers=list(adapters),
+            max_batches=max_batches, progress=progress,
+        )
+    missing = [n for n in adapters if n not in stats]
+    if missing:
+        raise ConfigError(f"statistics are missing for layers {missing}: collect them with the same model")
+    timings["statistics"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    scored = {n: layer_scores(n, a, stats[n]) for n, a in adapters.items()}
+    timings["eigen"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    plan = plan_from_scores(
+        model, example_input, scored, {n: stats[n].meta for n in adapters}, tgt, skipped,
+        method=method, max_layer_ratio=max_layer_ratio, tolerance=tolerance,
+        options={
+            "fisher": fisher, "conv_mode": conv_mode, "include_classifier": include_classifier,
+            "exclude": list(exclude), "freeze_rotations": freeze_rotations, "seed": seed,
+        },
+    )
+    new = apply_plan(model, plan, {n: (s.basis.QA, s.basis.QS, s.w_kfe) for n, s in scored.items()})
+    measured = count(new, example_input)
+    if (measured.params, measured.macs) != (plan.params, plan.macs):
+        raise RuntimeError(  # a bug in raykfe's cost model, never a user error
+            f"rebuilt model has {measured} but the plan predicted params={plan.params} macs={plan.macs}"
+        )
+    timings["plan"] = time.perf_counter() - t0
+    return PruneResult(new, plan, layer_report(plan), dict(stats), timings)
+
+
+def plan_from_scores(
+    model: nn.Module,
+    example_input: torch.Tensor,
+    scored: Mapping[str, LayerScores],
+    metas: Mapping[str, dict],
+    target,
+    skipped: Mapping[str, str],
+    *,
+    method: str,
+    max_layer_ratio: float,
+    tolerance: float,
+    options: dict,
+) -> Plan:
+    """The global selection over already-scored layers (shared by the local and Ray drivers)."""
+    base = count(model, example_input)
+    layers, summary = select(
+        {n: (s.rows, s.cols) for n, s in scored.items()},
+        dict(metas),
+        target,
+        base_params=base.params,
+        base_macs=base.macs,
+        max_layer_ratio=max_layer_ratio,
+        tolerance=tolerance,
+        entry_scores={n: s.entries.numpy() for n, s in scored.items()},
+    )
+    return Plan(
+        method=method,
+        target=str(parse_target(target)),
+        layers=layers,
+        skipped=dict(skipped),
+        base_params=base.params,
+        base_macs=base.macs,
+        params=summary["params"],
+        macs=summary["macs"],
+        options={**options, "max_layer_ratio": max_layer_ratio, "tolerance": tolerance, "summary": summary},
+    )
+
+
+def layer_report(plan: Plan) -> list[dict]:
+    """One row per weight layer: kept directions, params, MACs, predicted loss increase."""
+    rows = []
+    for name, lp in plan.layers.items():
+        rows.append(
+            {
+                "layer": name,
+                "action": lp.action,
+                "kept_in": f"{lp.r_in}/{lp.d_in}" if lp.action == "kfe" else "-",
+                "kept_out": f"{lp.r_out}/{lp.d_out}" if lp.action == "kfe" else "-",
+                "params": lp.params,
+                "dense_params": lp.dense_params,
+                "macs": lp.macs,
+                "dense_macs": lp.dense_macs,
+                "predicted_dloss": lp.predicted_dloss,
+                "note": lp.reason,
+            }
+        )
+    for name, reason in plan.skipped.items():
+        rows.append(
+            {"layer": name, "action": "dense", "kept_in": "-", "kept_out": "-", "params": None,
+             "dense_params": None, "macs": None, "dense_macs": None, "predicted_dloss": 0.0, "note": reason}
+        )
+    return rows
