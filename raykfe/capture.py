@@ -43,11 +43,19 @@ class LayerGeometry:
     calls: int = 1
 
 
-def find_layers(model: nn.Module, conv_mode: str = "patch") -> tuple[dict[str, Adapter], dict[str, str]]:
+#: a factor side above this is not formed (8192^2 float64 = 512 MiB); the layer stays dense
+MAX_FACTOR_DIM = 8192
+
+
+def find_layers(
+    model: nn.Module, conv_mode: str = "patch", max_factor_dim: int | None = MAX_FACTOR_DIM
+) -> tuple[dict[str, Adapter], dict[str, str]]:
     """Adapters for the prunable layers, and ``{name: reason}`` for weight layers left dense.
 
     Names are as in ``model.named_modules()``. A "weight layer" is any module owning a weight
     with two or more dims (convs, linears, embeddings ...); BatchNorm and friends are not listed.
+    A layer whose larger factor would exceed ``max_factor_dim`` is left dense (e.g. torchvision
+    VGG's ``Linear(25088, 4096)``: a 25089^2 float64 factor is 5 GB).
     """
     if conv_mode not in ("patch", "full"):
         raise ConfigError(f"conv_mode={conv_mode!r} is not known: use 'patch' (default) or 'full'")
@@ -59,7 +67,12 @@ def find_layers(model: nn.Module, conv_mode: str = "patch") -> tuple[dict[str, A
             continue
         reason = unsupported_reason(module)
         if reason is None:
-            adapters[name] = make_adapter(name, module, conv_mode)
+            adapter = make_adapter(name, module, conv_mode)
+            side = max(adapter.d_in, adapter.d_out)
+            if max_factor_dim is not None and side > max_factor_dim:
+                skipped[name] = f"factor too large ({side} > stats.max_factor_dim={max_factor_dim})"
+            else:
+                adapters[name] = adapter
         else:
             skipped[name] = reason
     return adapters, skipped
@@ -124,18 +137,20 @@ def collect_factors(
     seed: int = 0,
     layers: Iterable[str] | None = None,
     max_batches: int | None = None,
+    max_factor_dim: int | None = MAX_FACTOR_DIM,
     device: str | torch.device | None = None,
     progress: bool = False,
 ) -> dict[str, LayerStats]:
     """K-FAC statistics of every prunable layer of ``model`` over ``batches``.
 
     Returns ``{module name: LayerStats}`` (``.A`` and ``.S`` are the mean factors, float64).
-    ``layers`` restricts the pass to some layer names. The model's parameters, mode and grads are
+    ``layers`` restricts the pass to some layer names; otherwise layers whose factors would be
+    larger than ``max_factor_dim`` are skipped. The model's parameters, mode and grads are
     left as they were.
     """
     if fisher not in FISHER_TYPES:
         raise ConfigError(f"fisher={fisher!r} is not known: use 'true' (sampled labels) or 'empirical'")
-    adapters, _ = find_layers(model, conv_mode)
+    adapters, _ = find_layers(model, conv_mode, None if layers is not None else max_factor_dim)
     if layers is not None:
         wanted = list(layers)
         missing = [n for n in wanted if n not in adapters]

@@ -257,39 +257,41 @@ def select(
             tot += np.array(cost, dtype=np.int64)
         return tot
 
-    def reduction(k: int) -> float:
-        t = totals(k)
-        if tgt.kind == "directions":
-            return k / total_units if total_units else 0.0
-        return 1.0 - t[metric] / base[metric]
+    def directions_removed(k: int) -> int:
+        """Removed directions that really go: a layer left dense keeps all of its own."""
+        c = removed_counts(k)
+        gone = 0
+        for li, name in enumerate(names):
+            m = metas[name]
+            if layer_choice(name, m["d_in"] - c[li, 1], m["d_out"] - c[li, 0])[0] == "kfe":
+                gone += int(c[li].sum())
+        return gone
 
-    if tgt.kind == "directions":
-        k = int(round(tgt.fraction * total_units))
-        if k > n_eligible:
-            raise ConfigError(
-                f"target {tgt} asks for {k} of {total_units} directions but the per-layer cap allows "
-                f"{n_eligible}: lower the target or raise prune.max_layer_ratio (now {max_layer_ratio})"
-            )
-    else:
-        best = reduction(n_eligible)
-        if best < tgt.fraction - 1e-12:
-            raise ConfigError(
-                f"target {tgt} is unreachable: at most {best:.3f} with prune.max_layer_ratio={max_layer_ratio}"
-                " and the layers that can be pruned; lower the target, raise prune.max_layer_ratio"
-                " or set prune.include_classifier=true"
-            )
-        lo, hi = 0, n_eligible  # smallest k with reduction(k) >= fraction
-        while lo < hi:
-            mid = (lo + hi) // 2
-            if reduction(mid) >= tgt.fraction:
-                hi = mid
-            else:
-                lo = mid + 1
-        k = lo
-        if k > 0 and abs(reduction(k - 1) - tgt.fraction) < abs(reduction(k) - tgt.fraction) and (
-            abs(reduction(k - 1) - tgt.fraction) <= tolerance
-        ):
-            k -= 1
+    def reduction(k: int) -> float:
+        """Monotone non-decreasing in k: more removed units never make a layer larger."""
+        if tgt.kind == "directions":
+            return directions_removed(k) / total_units if total_units else 0.0
+        return 1.0 - totals(k)[metric] / base[metric]
+
+    best = reduction(n_eligible)
+    if best < tgt.fraction - 1e-12:
+        raise ConfigError(
+            f"target {tgt} is unreachable: at most {best:.3f} with prune.max_layer_ratio={max_layer_ratio}"
+            " and the layers that can be pruned; lower the target, raise prune.max_layer_ratio"
+            " or set prune.include_classifier=true"
+        )
+    lo, hi = 0, n_eligible  # smallest k with reduction(k) >= fraction
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if reduction(mid) >= tgt.fraction:
+            hi = mid
+        else:
+            lo = mid + 1
+    k = lo
+    if k > 0 and abs(reduction(k - 1) - tgt.fraction) < abs(reduction(k) - tgt.fraction) and (
+        abs(reduction(k - 1) - tgt.fraction) <= tolerance
+    ):
+        k -= 1
     achieved = reduction(k)
 
     removed = {n: ([], []) for n in names}
@@ -324,7 +326,7 @@ def select(
         "target": str(tgt),
         "achieved": float(achieved),
         "within_tolerance": bool(abs(achieved - tgt.fraction) <= tolerance),
-        "units_removed": int(k),
+        "units_removed": int(directions_removed(k)),
         "units_total": int(total_units),
         "params": int(tot[0]),
         "macs": int(tot[1]),

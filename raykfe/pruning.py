@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .capture import collect_factors, find_layers, trace_layers
+from .capture import MAX_FACTOR_DIM, collect_factors, find_layers, trace_layers
 from .counting import count
 from .eigen import Eigenbasis, eigenbasis
 from .errors import ConfigError
@@ -98,9 +98,10 @@ def prunable_layers(
     conv_mode: str = "patch",
     include_classifier: bool = False,
     exclude: Sequence[str] = (),
+    max_factor_dim: int | None = MAX_FACTOR_DIM,
 ) -> tuple[dict[str, Adapter], dict[str, str]]:
     """Adapters of the layers to prune, in forward order, and ``{name: reason}`` for the rest."""
-    adapters, skipped = find_layers(model, conv_mode)
+    adapters, skipped = find_layers(model, conv_mode, max_factor_dim)
     geo = trace_layers(model, example_input)
     for name in exclude:
         if name not in adapters and name not in skipped:
@@ -139,6 +140,7 @@ def prune(
     seed: int = 0,
     stats: Mapping[str, LayerStats] | None = None,
     max_batches: int | None = None,
+    max_factor_dim: int | None = MAX_FACTOR_DIM,
     example_input: torch.Tensor | None = None,
     progress: bool = False,
 ) -> PruneResult:
@@ -156,7 +158,8 @@ def prune(
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     example_input = example_input.to(device)
     adapters, skipped = prunable_layers(
-        model, example_input, conv_mode=conv_mode, include_classifier=include_classifier, exclude=exclude
+        model, example_input, conv_mode=conv_mode, include_classifier=include_classifier, exclude=exclude,
+        max_factor_dim=max_factor_dim,
     )
 
     t0 = time.perf_counter()
@@ -181,6 +184,7 @@ def prune(
         options={
             "fisher": fisher, "conv_mode": conv_mode, "include_classifier": include_classifier,
             "exclude": list(exclude), "freeze_rotations": freeze_rotations, "seed": seed,
+            "max_factor_dim": max_factor_dim,
         },
     )
     new = apply_plan(model, plan, {n: (s.basis.QA, s.basis.QS, s.w_kfe) for n, s in scored.items()})

@@ -1,0 +1,86 @@
+"""``raykfe`` command line.
+
+    raykfe prune -c jobs/digits.yaml [key=value ...]   run a whole job, print the report table
+    raykfe config [-c JOB] [key=value ...]              print the resolved config (defaults filled in)
+    raykfe report URI                                   print the report of a finished job
+
+User errors print ``raykfe: error: <one line>`` and exit 2; nothing is written for a job that fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+__all__ = ["main"]
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="raykfe", description="Second-order structured pruning (EigenDamage).")
+    sub = p.add_subparsers(dest="command", required=True)
+    pr = sub.add_parser("prune", help="run a pruning job from a YAML spec")
+    pr.add_argument("-c", "--config", required=True, help="job YAML, e.g. jobs/digits.yaml")
+    pr.add_argument("overrides", nargs="*", help="key=value overrides, e.g. prune.target=flops:0.7")
+    pr.add_argument("--quiet", action="store_true", help="no progress bars")
+    co = sub.add_parser("config", help="print the resolved job config")
+    co.add_argument("-c", "--config", default=None)
+    co.add_argument("overrides", nargs="*")
+    rp = sub.add_parser("report", help="print the report of a finished job")
+    rp.add_argument("uri")
+    return p
+
+
+def _run(args) -> int:
+    import yaml
+
+    from .config import config_to_dict, load_config
+
+    if args.command == "config":
+        cfg = load_config(args.config, args.overrides)
+        print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), end="")
+        return 0
+    if args.command == "report":
+        from .checkpoint import read_file, read_manifest
+
+        manifest = read_manifest(args.uri)
+        print(read_file(args.uri, "report.md", manifest).decode(), end="")
+        return 0
+    overrides = list(args.overrides) + (["progress=false"] if args.quiet else [])
+    cfg = load_config(args.config, overrides)
+    from .pipeline import job_table, run_job
+
+    job = run_job(cfg, log=lambda m: print(m, file=sys.stderr))
+    print(job_table(job.metrics))
+    if job.result is not None:
+        print()
+        print(job.result.table())
+    print(f"\nresult: {cfg.output.uri}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    from .errors import RaykfeError
+
+    try:
+        return _run(args)
+    except RaykfeError as exc:
+        print(f"raykfe: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("raykfe: interrupted; nothing was written for the unfinished job", file=sys.stderr)
+        return 130
+    except Exception as exc:  # a bug: one line for the user, the traceback on request
+        if os.environ.get("RAYKFE_DEBUG"):
+            raise
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        print(
+            f"raykfe: internal error: {type(exc).__name__}: {first} (set RAYKFE_DEBUG=1 for the traceback and report it)",
+            file=sys.stderr,
+        )
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

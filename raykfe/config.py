@@ -1,0 +1,328 @@
+"""Job configuration: frozen, validated dataclasses, read from YAML with ``key=value`` overrides.
+
+A job file has the sections below (every key optional, defaults shown by ``raykfe config``)::
+
+    name: digits            # a label for reports
+    seed: 0
+    device: cpu             # or cuda / cuda:0
+    model:    {name, width, weights}
+    data:     {name, root, image_size, val_fraction, test_fraction, augment, synthetic_size, num_classes}
+    base:     {epochs, lr, momentum, weight_decay, milestones, batch_size}   # trains a base model
+    stats:    {fisher, conv_mode, batch_size, max_batches, max_factor_dim}
+    prune:    {method, target, max_layer_ratio, include_classifier, exclude, tolerance, freeze_rotations}
+    finetune: {epochs, lr, momentum, weight_decay, milestones, batch_size}
+    output:   {uri, overwrite}
+
+Every error names the field, the value and the fix, in one line (:class:`ConfigError`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+
+from .errors import ConfigError
+from .plan import parse_target
+
+__all__ = [
+    "JobConfig",
+    "ModelConfig",
+    "DataConfig",
+    "TrainConfig",
+    "StatsConfig",
+    "PruneConfig",
+    "OutputConfig",
+    "load_config",
+    "apply_overrides",
+    "config_from_dict",
+    "config_to_dict",
+]
+
+
+def _check(cond: bool, key: str, value: Any, fix: str) -> None:
+    if not cond:
+        raise ConfigError(f"{key}={value!r} is invalid: {fix}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = "resnet32"
+    width: float = 1.0
+    weights: str | None = None  # a safetensors state_dict of the base model; None trains one
+
+    def validate(self, p: str) -> None:
+        _check(self.width > 0, f"{p}.width", self.width, "use a positive width multiplier, e.g. 1.0")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    name: str = "digits"
+    root: str | None = None
+    image_size: int = 32
+    val_fraction: float = 0.1
+    test_fraction: float = 0.2
+    augment: bool = False
+    synthetic_size: int = 512
+    num_classes: int | None = None
+
+    def validate(self, p: str) -> None:
+        _check(self.image_size >= 8, f"{p}.image_size", self.image_size, "use at least 8")
+        _check(0 < self.val_fraction < 1, f"{p}.val_fraction", self.val_fraction, "use a fraction in (0, 1)")
+        _check(0 <= self.test_fraction < 1, f"{p}.test_fraction", self.test_fraction, "use a fraction in [0, 1)")
+        _check(self.synthetic_size >= 8, f"{p}.synthetic_size", self.synthetic_size, "use at least 8")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """SGD with momentum and a step schedule (lr x gamma at each milestone fraction of epochs)."""
+
+    epochs: int = 20
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    milestones: tuple[float, ...] = (0.5, 0.75)
+    gamma: float = 0.1
+    batch_size: int = 64
+
+    def validate(self, p: str) -> None:
+        _check(self.epochs >= 0, f"{p}.epochs", self.epochs, "use 0 or more epochs")
+        _check(self.lr > 0, f"{p}.lr", self.lr, "use a positive learning rate")
+        _check(0 <= self.momentum < 1, f"{p}.momentum", self.momentum, "use a momentum in [0, 1)")
+        _check(self.weight_decay >= 0, f"{p}.weight_decay", self.weight_decay, "use a non-negative weight decay")
+        _check(all(0 < m < 1 for m in self.milestones), f"{p}.milestones", list(self.milestones), "use fractions of the epochs in (0, 1), e.g. [0.5, 0.75]")
+        _check(0 < self.gamma <= 1, f"{p}.gamma", self.gamma, "use a factor in (0, 1]")
+        _check(self.batch_size >= 1, f"{p}.batch_size", self.batch_size, "use a positive batch size")
+
+    def settings(self):
+        from .finetune import TrainSettings
+
+        return TrainSettings(
+            epochs=self.epochs, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay,
+            milestones=tuple(self.milestones), gamma=self.gamma, batch_size=self.batch_size,
+        )
+
+
+@dataclass(frozen=True)
+class StatsConfig:
+    fisher: str = "true"
+    conv_mode: str = "patch"
+    batch_size: int = 64
+    max_batches: int | None = None
+    max_factor_dim: int = 8192
+
+    def validate(self, p: str) -> None:
+        _check(self.fisher in ("true", "empirical"), f"{p}.fisher", self.fisher, "use 'true' (sampled labels) or 'empirical'")
+        _check(self.conv_mode in ("patch", "full"), f"{p}.conv_mode", self.conv_mode, "use 'patch' or 'full'")
+        _check(self.batch_size >= 1, f"{p}.batch_size", self.batch_size, "use a positive batch size")
+        _check(self.max_batches is None or self.max_batches >= 1, f"{p}.max_batches", self.max_batches, "use a positive number or null for all")
+        _check(self.max_factor_dim >= 1, f"{p}.max_factor_dim", self.max_factor_dim, "use a positive factor size, e.g. 8192")
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    method: str = "eigendamage"
+    target: str = "flops:0.5"
+    max_layer_ratio: float = 0.95
+    include_classifier: bool = False
+    exclude: tuple[str, ...] = ()
+    tolerance: float = 0.02
+    freeze_rotations: bool = False
+
+    def validate(self, p: str) -> None:
+        from .methods import METHODS
+
+        _check(self.method in METHODS, f"{p}.method", self.method, f"choose one of {', '.join(METHODS)}")
+        try:
+            parse_target(self.target)
+        except ConfigError as exc:
+            raise ConfigError(f"{p}.target: {exc}") from None
+        _check(0 < self.max_layer_ratio <= 1, f"{p}.max_layer_ratio", self.max_layer_ratio, "use a fraction in (0, 1]")
+        _check(0 < self.tolerance < 1, f"{p}.tolerance", self.tolerance, "use a fraction, e.g. 0.02")
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    uri: str = "results/job"
+    overwrite: bool = False
+
+    def validate(self, p: str) -> None:
+        _check(bool(self.uri.strip()), f"{p}.uri", self.uri, "give a local directory or an s3:// / gs:// URI")
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    name: str = "job"
+    seed: int = 0
+    device: str = "cpu"
+    progress: bool = True
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    base: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=30, lr=0.05))
+    stats: StatsConfig = field(default_factory=StatsConfig)
+    prune: PruneConfig = field(default_factory=PruneConfig)
+    finetune: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=15, lr=0.01))
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+    def validate(self, p: str = "") -> None:
+        _check(self.device == "cpu" or self.device.startswith("cuda"), "device", self.device, "use 'cpu' or 'cuda[:N]'")
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if dataclasses.is_dataclass(v):
+                v.validate(f.name)
+
+
+# ------------------------------------------------------------------------------------------------
+# dict <-> dataclass with type checks
+# ------------------------------------------------------------------------------------------------
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", str(tp)).replace("typing.", "")
+
+
+def _coerce(value: Any, tp, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, key)
+            except ConfigError as exc:
+                errors.append(exc)
+        raise errors[0]
+    if origin is tuple:
+        inner = typing.get_args(tp)[0]
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}={value!r} has the wrong type: expected a list of {_type_name(inner)}")
+        return tuple(_coerce(v, inner, key) for v in value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}={value!r} has the wrong type: expected true or false")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}={value!r} has the wrong type: expected an integer")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{key}={value!r} has the wrong type: expected a number")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key}={value!r} has the wrong type: expected a string")
+    raise ConfigError(f"{key}: unsupported type {tp}")
+
+
+def _build(cls, data: Any, prefix: str):
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        where = prefix or "the job file"
+        raise ConfigError(f"{where} must be a mapping of keys to values, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        full = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f"did you mean '{(prefix + '.') if prefix else ''}{close[0]}'?" if close else f"known keys: {', '.join(names)}"
+            raise ConfigError(f"unknown config key '{full}': {hint}")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value, full)
+        else:
+            kwargs[key] = _coerce(value, tp, full)
+    if cls is JobConfig:  # sections start from the job defaults, not the section defaults
+        defaults = JobConfig()
+        for key in ("base", "finetune"):
+            if key in kwargs:
+                kwargs[key] = dataclasses.replace(getattr(defaults, key), **{k: getattr(kwargs[key], k) for k in data[key] or {}})
+    return cls(**kwargs)
+
+
+def config_from_dict(data: Any) -> JobConfig:
+    cfg = _build(JobConfig, data, "")
+    cfg.validate()
+    return cfg
+
+
+def config_to_dict(cfg) -> dict:
+    """Plain dict (lists for tuples), YAML/JSON-serialisable."""
+    out = {}
+    for f in fields(cfg):
+        v = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(v):
+            out[f.name] = config_to_dict(v)
+        elif isinstance(v, tuple):
+            out[f.name] = list(v)
+        else:
+            out[f.name] = v
+    return out
+
+
+def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
+    """Apply ``section.key=value`` strings (values parsed as YAML) to a raw config dict."""
+    data = dict(data or {})
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is malformed: write key=value, e.g. prune.target=flops:0.7")
+        key, _, raw = item.partition("=")
+        key = key.strip()
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        parts = key.split(".")
+        node = data
+        for part in parts[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = {}
+            elif not isinstance(child, dict):
+                raise ConfigError(f"override {item!r}: '{part}' is not a section")
+            node[part] = dict(child)
+            node = node[part]
+        node[parts[-1]] = value
+    return data
+
+
+def read_yaml(path: str | Path) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"job file '{path}' not found: give the path of a YAML job spec, e.g. -c jobs/digits.yaml")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or "invalid YAML"
+        raise ConfigError(f"job file '{path}' is not valid YAML{where}: {problem}; fix the syntax") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"job file '{path}' is not a text file: give a YAML job spec") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"job file '{path}' must hold a mapping of sections (model, data, prune, ...), got {type(data).__name__}")
+    return data
+
+
+def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> JobConfig:
+    """Read a job YAML (or the defaults when ``path`` is None) and apply ``key=value`` overrides."""
+    data = read_yaml(path) if path is not None else {}
+    return config_from_dict(apply_overrides(data, overrides))
