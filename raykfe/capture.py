@@ -6,8 +6,11 @@ One statistics pass over ``batches`` (an iterable of ``(x, y)`` with ``x [N, ...
 2. a forward hook on every prunable layer adds ``a_sum`` of its input to the layer's ``A_sum`` and
    registers a tensor hook on its output (tensor hooks survive in-place activations such as
    torchvision's ``ReLU(inplace=True)``, which break full backward module hooks);
-3. labels are sampled from the model's predictive distribution (``fisher="true"``, a seeded
-   generator) or taken from the data (``fisher="empirical"``);
+3. labels are sampled from the model's predictive distribution (``fisher="true"``) or taken from
+   the data (``fisher="empirical"``). The sample for example ``i`` (its index in the dataset: the
+   third element of a batch when present, else its position in the stream) uses the uniform
+   ``splitmix64(seed, i)``, so the labels -- and the statistics -- do not depend on how the data is
+   batched or sharded across workers, nor on a worker being restarted;
 4. the loss is the SUM over the batch of ``-log p(y|x)``, so the gradient reaching each layer output
    is already the per-example ``Ds`` (no batch-size rescaling); the tensor hook adds ``s_sum``.
 
@@ -21,6 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -45,6 +49,27 @@ class LayerGeometry:
 
 #: a factor side above this is not formed (8192^2 float64 = 512 MiB); the layer stays dense
 MAX_FACTOR_DIM = 8192
+
+
+_M64 = (1 << 64) - 1
+
+
+def example_uniforms(seed: int, index: torch.Tensor) -> torch.Tensor:
+    """A uniform in [0, 1) per example index, from splitmix64 of (seed, index): float64 ``[N]``."""
+    idx = np.asarray(index.cpu() if isinstance(index, torch.Tensor) else index, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        z = idx * np.uint64(0x9E3779B97F4A7C15) + np.uint64((int(seed) * 0xD1B54A32D192ED03 + 0x632BE59BD9B4E019) & _M64)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z = z ^ (z >> np.uint64(31))
+    return torch.from_numpy((z >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53)))
+
+
+def sample_labels(logits: torch.Tensor, index: torch.Tensor, seed: int) -> torch.Tensor:
+    """One label per example from softmax(logits), by inverse CDF of :func:`example_uniforms`."""
+    cdf = torch.softmax(logits.double(), dim=1).cumsum(dim=1).cpu()
+    u = example_uniforms(seed, index)[:, None]
+    return (cdf <= u).sum(dim=1).clamp_max(logits.shape[1] - 1)
 
 
 def find_layers(
@@ -161,7 +186,7 @@ def collect_factors(
         raise ConfigError("the model has no prunable layer (Linear or Conv2d with groups=1): nothing to collect")
     if device is None:
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    gen = torch.Generator().manual_seed(int(seed))
+    position = 0
 
     stats: dict[str, LayerStats] = {}
     geometry: dict[str, LayerGeometry] = {}
@@ -206,6 +231,9 @@ def collect_factors(
             if max_batches is not None and b >= max_batches:
                 break
             x, y = batch[0], batch[1]
+            n = x.shape[0]
+            idx = batch[2] if len(batch) > 2 else torch.arange(position, position + n)
+            position += n
             x = x.to(device)
             if x.is_floating_point():
                 x = x.detach().requires_grad_(True)
@@ -218,13 +246,11 @@ def collect_factors(
                 if logits.dim() != 2:
                     raise ConfigError(f"the model's output has shape {tuple(logits.shape)}: raykfe expects logits [N, classes]")
                 if fisher == "true":
-                    probs = torch.softmax(logits.detach().double(), dim=1).cpu()
-                    y = torch.multinomial(probs, 1, generator=gen).squeeze(1).to(logits.device)
+                    y = sample_labels(logits.detach(), idx, seed).to(logits.device)
                 else:
                     y = y.to(logits.device)
                 loss = F.cross_entropy(logits, y, reduction="sum")
                 loss.backward()
-            n = x.shape[0]
             for name in stats:
                 stats[name].count += n
     finally:

@@ -16,6 +16,7 @@ eval and back); :func:`evaluate` leaves it in eval mode.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
@@ -96,8 +97,17 @@ def train(
     progress: bool = True,
     desc: str = "train",
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
+    start_epoch: int = 0,
+    optimizer_state: dict | None = None,
+    before_epoch: Callable[[int], None] | None = None,
+    checkpoint: Callable[[int, nn.Module, torch.optim.Optimizer, list[dict[str, Any]]], None] | None = None,
+    history: list[dict[str, Any]] | None = None,
 ) -> list[dict[str, Any]]:
     """Train ``model`` in place with SGD; returns one record per epoch.
+
+    Resuming: ``start_epoch`` epochs are already done (``history`` holds their records and
+    ``optimizer_state`` the optimizer's state_dict); ``before_epoch(epoch)`` runs before each epoch
+    (e.g. to reshuffle a shard) and ``checkpoint(epoch, model, optimizer, records)`` after it.
 
     Each record is ``{"epoch": int (1-based), "loss": float (mean train loss), "train_acc": float,
     "val_acc": float | None, "lr": float (the LR used in that epoch)}``; ``on_epoch`` is called
@@ -120,10 +130,23 @@ def train(
     scheduler = torch.optim.lr_scheduler.MultiStepLR(
         optimizer, milestones=milestone_epochs(settings), gamma=settings.gamma
     )
-    records: list[dict[str, Any]] = []
+    if optimizer_state is not None:  # resuming: momentum buffers, then replay the schedule
+        optimizer.load_state_dict(optimizer_state)
+        for group in optimizer.param_groups:
+            group["lr"] = group["initial_lr"] = settings.lr
+    with warnings.catch_warnings():  # replaying the schedule before any optimizer.step() is intended
+        warnings.simplefilter("ignore", UserWarning)
+        for _ in range(start_epoch):
+            scheduler.step()
+    records: list[dict[str, Any]] = list(history or [])
     model.train()
-    bar = tqdm(range(1, settings.epochs + 1), desc=desc, disable=not progress, leave=False)
+    bar = tqdm(
+        range(start_epoch + 1, settings.epochs + 1), desc=desc, disable=not progress, leave=False,
+        initial=start_epoch, total=settings.epochs,
+    )
     for epoch in bar:
+        if before_epoch is not None:
+            before_epoch(epoch)
         lr = float(optimizer.param_groups[0]["lr"])
         loss_sum, correct, seen = 0.0, 0, 0
         for x, y in _batches(train_loader, device):
@@ -160,6 +183,8 @@ def train(
         if val_acc is not None:
             postfix["val_acc"] = f"{val_acc:.4f}"
         bar.set_postfix(postfix)
+        if checkpoint is not None:
+            checkpoint(epoch, model, optimizer, records)
         if on_epoch is not None:
             on_epoch(record)
     bar.close()

@@ -1,10 +1,13 @@
-"""A whole pruning job in one process: the reference the distributed run must match.
+"""A whole pruning job, stage by stage, on a compute backend (in-process here, Ray in
+:mod:`raykfe.distributed`):
 
-data -> base model (trained here when ``model.weights`` is not given) -> K-FAC statistics ->
-eigenbases -> scores -> plan -> surgery -> fine-tuning -> evaluation -> checkpoint + report.
+    data -> base model (trained when ``model.weights`` is not given) -> K-FAC statistics ->
+    eigenbases -> scores -> plan -> surgery -> fine-tuning -> evaluation -> checkpoint + report
 
-Nothing is written under the output URI until the job has finished; the result becomes visible
-when its manifest is written last (see :mod:`raykfe.checkpoint`).
+Every finished stage is kept under ``<output uri>/stages/`` (:mod:`raykfe.stages`), so re-running
+the same job reuses what was finished and continues training from the last epoch's checkpoint.
+The final result becomes visible when its manifest is written last (:mod:`raykfe.checkpoint`).
+The in-process backend is the reference: the Ray backend must give the same statistics and plan.
 """
 
 from __future__ import annotations
@@ -13,23 +16,34 @@ import json
 import random
 import time
 from dataclasses import dataclass, field
+from typing import Callable, Protocol
 
 import numpy as np
 import torch
 import yaml
+from torch import nn
 
+from .capture import collect_factors
 from .checkpoint import read_file, read_manifest, save
-from .config import JobConfig, config_to_dict
+from .config import JobConfig, TrainConfig, config_to_dict
 from .counting import count
-from .data import load_data, make_loader
+from .data import DataSplits, load_data, make_loader
+from .eigen import Eigenbasis, eigenbasis
 from .errors import ConfigError, StorageError
+from .factors import LayerStats, stats_from_tensors, stats_to_tensors
 from .finetune import evaluate, train
 from .models import build_model
-from .pruning import PruneResult, prune
+from .plan import Plan
+from .pruning import PruneResult, layer_report, plan_from_scores, prunable_layers, score_in_basis
 from .report import format_table, human
+from .stages import StageStore, optimizer_from_tensors, optimizer_to_tensors
 from .storage import open_uri
+from .surgery import apply_plan
 
-__all__ = ["run_job", "JobResult", "job_table", "seed_everything"]
+__all__ = ["run_job", "JobResult", "job_table", "seed_everything", "ModelRecipe", "LocalBackend", "data_splits"]
+
+#: keys whose change does not make a different job (where results go, how it is shown or run)
+RUN_ONLY_KEYS = ("output", "progress", "ray", "runtime")
 
 
 @dataclass
@@ -41,10 +55,115 @@ class JobResult:
     timings: dict[str, float] = field(default_factory=dict)
 
 
+@dataclass
+class ModelRecipe:
+    """How to rebuild a model anywhere (a Train worker, a later run): registry spec + optional plan."""
+
+    spec: dict
+    plan: dict | None = None
+
+    def build(self) -> nn.Module:
+        model = build_model(**self.spec)
+        if self.plan is not None:
+            model = apply_plan(model, Plan.from_dict(self.plan))
+        return model
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
+
+
+def data_splits(cfg: JobConfig) -> DataSplits:
+    d = cfg.data
+    return load_data(
+        d.name, root=d.root, image_size=d.image_size, seed=cfg.seed, val_fraction=d.val_fraction,
+        test_fraction=d.test_fraction, augment=d.augment, synthetic_size=d.synthetic_size, num_classes=d.num_classes,
+    )
+
+
+def state_of(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+
+
+def run_training(
+    model: nn.Module,
+    train_loader,
+    tcfg: TrainConfig,
+    stage: str,
+    store: StageStore | None,
+    *,
+    val_loader=None,
+    device: str | torch.device = "cpu",
+    progress: bool = False,
+    chief: bool = True,
+    before_epoch: Callable[[int], None] | None = None,
+    on_epoch: Callable[[dict], None] | None = None,
+    unwrap: Callable[[nn.Module], nn.Module] = lambda m: m,
+) -> list[dict]:
+    """:func:`raykfe.finetune.train` with a checkpoint per epoch under ``store`` (by the chief only)
+    and a resume from the newest one. Shared by the in-process backend and the Ray Train workers."""
+    start, opt_state, history = 0, None, []
+    ckpt = store.load_checkpoint(stage) if store is not None else None
+    if ckpt is not None:
+        start, tensors, meta = ckpt
+        unwrap(model).load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+        opt_state = optimizer_from_tensors(tensors, meta)
+        history = meta["history"]
+        if start >= tcfg.epochs:
+            return history
+
+    def checkpoint(epoch, m, optimizer, records):
+        if chief and store is not None:
+            opt_tensors, opt_meta = optimizer_to_tensors(optimizer)
+            tensors = {f"model.{k}": v for k, v in unwrap(m).state_dict().items()} | opt_tensors
+            store.save_checkpoint(stage, epoch, tensors, {**opt_meta, "history": records})
+
+    return train(
+        model, train_loader, tcfg.settings(), val_loader=val_loader, device=device, progress=progress, desc=stage,
+        start_epoch=start, optimizer_state=opt_state, history=history, before_epoch=before_epoch,
+        checkpoint=checkpoint, on_epoch=on_epoch,
+    )
+
+
+class Backend(Protocol):
+    def train(self, cfg: JobConfig, recipe: ModelRecipe, state: dict, tcfg: TrainConfig, stage: str, store: StageStore) -> tuple[dict, list[dict]]: ...
+
+    def collect(self, cfg: JobConfig, recipe: ModelRecipe, state: dict, layers: list[str]) -> dict[str, LayerStats]: ...
+
+    def eigen(self, stats: dict[str, LayerStats]) -> dict[str, Eigenbasis]: ...
+
+
+class LocalBackend:
+    """Everything in this process: the reference implementation."""
+
+    name = "local"
+
+    def train(self, cfg, recipe, state, tcfg, stage, store):
+        splits = data_splits(cfg)
+        model = recipe.build()
+        model.load_state_dict(state)
+        device = _device(cfg)
+        history = run_training(
+            model, make_loader(splits.train, tcfg.batch_size, shuffle=True, seed=cfg.seed + (stage == "finetune"), drop_last=True),
+            tcfg, stage, store, val_loader=make_loader(splits.val, 256, shuffle=False), device=device, progress=cfg.progress,
+        )
+        return state_of(model), history
+
+    def collect(self, cfg, recipe, state, layers):
+        splits = data_splits(cfg)
+        model = recipe.build()
+        model.load_state_dict(state)
+        model.to(_device(cfg))
+        return collect_factors(
+            model, make_loader(splits.train, cfg.stats.batch_size, shuffle=False), fisher=cfg.stats.fisher,
+            conv_mode=cfg.stats.conv_mode, seed=cfg.seed, layers=layers, max_batches=cfg.stats.max_batches,
+            progress=cfg.progress,
+        )
+
+    def eigen(self, stats):
+        return {name: eigenbasis(name, st) for name, st in stats.items()}
 
 
 def _device(cfg: JobConfig) -> torch.device:
@@ -53,14 +172,16 @@ def _device(cfg: JobConfig) -> torch.device:
     return torch.device(cfg.device)
 
 
-def _load_base_weights(model: torch.nn.Module, path: str) -> None:
+def _load_base_weights(model: nn.Module, path: str) -> None:
     from safetensors.torch import load as st_load
 
-    loc = open_uri(path.rpartition("/")[0] or ".")
+    head, _, tail = path.rpartition("/")
     try:
-        state = st_load(loc.read_bytes(path.rpartition("/")[2]))
+        data = open_uri(head or ".").read_bytes(tail)
     except StorageError:
         raise ConfigError(f"model.weights='{path}' cannot be read: give a safetensors state_dict of the base model") from None
+    try:
+        state = st_load(data)
     except Exception:
         raise ConfigError(f"model.weights='{path}' is not a safetensors file: save the base model with safetensors") from None
     missing, unexpected = model.load_state_dict(state, strict=False)
@@ -70,26 +191,24 @@ def _load_base_weights(model: torch.nn.Module, path: str) -> None:
         )
 
 
+def _job_identity(d: dict) -> dict:
+    return {k: v for k, v in d.items() if k not in RUN_ONLY_KEYS}
+
+
 def existing_result(cfg: JobConfig) -> dict | None:
     """The metrics of a finished job with the SAME config under the output URI, else None.
 
     Raises when the URI holds a different job's result and ``output.overwrite`` is false.
     """
     loc = open_uri(cfg.output.uri)
-    if not loc.exists("manifest.json"):
+    if cfg.output.overwrite or not loc.exists("manifest.json"):
         return None
     manifest = read_manifest(cfg.output.uri)
     try:
         stored = yaml.safe_load(read_file(cfg.output.uri, "config.yaml", manifest))
     except StorageError:
         stored = None
-    mine = config_to_dict(cfg)
-    if cfg.output.overwrite:
-        return None
-    same = isinstance(stored, dict) and {k: v for k, v in stored.items() if k not in ("output", "progress")} == {
-        k: v for k, v in mine.items() if k not in ("output", "progress")
-    }
-    if not same:
+    if not isinstance(stored, dict) or _job_identity(stored) != _job_identity(config_to_dict(cfg)):
         raise StorageError(
             f"output.uri={cfg.output.uri!r} already holds a different job's result: choose another output.uri "
             "or set output.overwrite=true"
@@ -97,8 +216,27 @@ def existing_result(cfg: JobConfig) -> dict | None:
     return json.loads(read_file(cfg.output.uri, "metrics.json", manifest))
 
 
-def run_job(cfg: JobConfig, *, log=print) -> JobResult:
-    """Run ``cfg`` end to end; returns the metrics (also saved as ``metrics.json``)."""
+def _open_stages(cfg: JobConfig) -> StageStore:
+    """The stage store, checked to belong to this job (or cleared with ``output.overwrite``)."""
+    store = StageStore(open_uri(cfg.output.uri))
+    mine = config_to_dict(cfg)
+    stored_text = store.load_text("config.yaml")
+    if stored_text is not None:
+        stored = yaml.safe_load(stored_text)
+        if cfg.output.overwrite:
+            store.clear()
+        elif not isinstance(stored, dict) or _job_identity(stored) != _job_identity(mine):
+            raise StorageError(
+                f"output.uri={cfg.output.uri!r} holds unfinished stages of a different job: choose another "
+                "output.uri or set output.overwrite=true"
+            )
+    store.save_text("config.yaml", yaml.safe_dump(mine, sort_keys=False))
+    return store
+
+
+def run_job(cfg: JobConfig, backend: Backend | None = None, *, log=print) -> JobResult:
+    """Run ``cfg`` end to end on ``backend`` (default: in-process); returns the metrics."""
+    backend = backend or LocalBackend()
     done = existing_result(cfg)
     if done is not None:
         log(f"raykfe: {cfg.output.uri} already holds this job's result; showing it (output.overwrite=true re-runs)")
@@ -108,60 +246,106 @@ def run_job(cfg: JobConfig, *, log=print) -> JobResult:
     seed_everything(cfg.seed)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    d = cfg.data
-    splits = load_data(
-        d.name, root=d.root, image_size=d.image_size, seed=cfg.seed, val_fraction=d.val_fraction,
-        test_fraction=d.test_fraction, augment=d.augment, synthetic_size=d.synthetic_size, num_classes=d.num_classes,
+    splits = data_splits(cfg)  # validates the data before anything is written
+    model = build_model(cfg.model.name, splits.num_classes, width=cfg.model.width)
+    recipe = ModelRecipe(dict(model.raykfe_spec))
+    example = splits.test[0][0][None]
+    p = cfg.prune
+    adapters, skipped = prunable_layers(  # fails early on a model with nothing to prune
+        model, example, conv_mode=cfg.stats.conv_mode, include_classifier=p.include_classifier, exclude=p.exclude,
+        max_factor_dim=cfg.stats.max_factor_dim,
     )
-    model = build_model(cfg.model.name, splits.num_classes, width=cfg.model.width).to(device)
+    if cfg.model.weights:
+        _load_base_weights(model, cfg.model.weights)
+    store = _open_stages(cfg)
     val_loader = make_loader(splits.val, 256, shuffle=False)
     test_loader = make_loader(splits.test, 256, shuffle=False)
     timings["data"] = time.perf_counter() - t0
+    reused: list[str] = []
 
+    # --- base model -----------------------------------------------------------------------
     t0 = time.perf_counter()
     base_history: list[dict] = []
     if cfg.model.weights:
-        _load_base_weights(model, cfg.model.weights)
+        pass
+    elif store.has("base"):
+        state, meta = store.load("base")
+        model.load_state_dict(state)
+        base_history = meta.get("history", [])
+        reused.append("base")
     else:
         log(f"raykfe: training the base {cfg.model.name} for {cfg.base.epochs} epochs (no model.weights given)")
-        base_history = train(
-            model, make_loader(splits.train, cfg.base.batch_size, shuffle=True, seed=cfg.seed, drop_last=True),
-            cfg.base.settings(), val_loader=val_loader, device=device, progress=cfg.progress, desc="base",
-        )
+        state, base_history = backend.train(cfg, recipe, state_of(model), cfg.base, "base", store)
+        model.load_state_dict(state)
+        store.save("base", state_of(model), {"history": base_history})
     timings["base"] = time.perf_counter() - t0
+    model.to(device)
     base_test = evaluate(model, test_loader, device=device)
     base_val = evaluate(model, val_loader, device=device)
 
+    # --- statistics -----------------------------------------------------------------------
     t0 = time.perf_counter()
-    stats_loader = make_loader(splits.train, cfg.stats.batch_size, shuffle=False)
-    p = cfg.prune
-    result = prune(
-        model, stats_loader, p.method, p.target, fisher=cfg.stats.fisher, conv_mode=cfg.stats.conv_mode,
-        max_layer_ratio=p.max_layer_ratio, include_classifier=p.include_classifier, exclude=p.exclude,
-        tolerance=p.tolerance, freeze_rotations=p.freeze_rotations, seed=cfg.seed,
-        max_batches=cfg.stats.max_batches, max_factor_dim=cfg.stats.max_factor_dim, progress=cfg.progress,
-    )
-    timings.update({k: v for k, v in result.timings.items()})
-    timings["prune_total"] = time.perf_counter() - t0
-    pruned = result.model.to(device)
+    if store.has("stats"):
+        tensors, meta = store.load("stats")
+        stats = stats_from_tensors(tensors, meta)
+        reused.append("statistics")
+    else:
+        stats = backend.collect(cfg, recipe, state_of(model), list(adapters))
+        store.save("stats", *stats_to_tensors(stats))
+    timings["statistics"] = time.perf_counter() - t0
+
+    # --- eigenbases -------------------------------------------------------------------------
+    t0 = time.perf_counter()
+    if store.has("eigen"):
+        tensors, _ = store.load("eigen")
+        bases = {n: Eigenbasis(tensors[f"{n}::QA"], tensors[f"{n}::lA"], tensors[f"{n}::QS"], tensors[f"{n}::lS"]) for n in adapters}
+        reused.append("eigen")
+    else:
+        bases = backend.eigen({n: stats[n] for n in adapters})
+        store.save("eigen", {f"{n}::{k}": getattr(b, k) for n, b in bases.items() for k in ("QA", "lA", "QS", "lS")})
+    timings["eigen"] = time.perf_counter() - t0
+
+    # --- scores and plan --------------------------------------------------------------------
+    t0 = time.perf_counter()
+    model.cpu()
+    scored = {n: score_in_basis(n, a.weight_matrix(), bases[n]) for n, a in adapters.items()}
+    plan_text = store.load_text("plan.json")
+    if plan_text is not None:
+        plan = Plan.from_json(plan_text)
+        reused.append("plan")
+    else:
+        plan = plan_from_scores(
+            model, example, scored, {n: stats[n].meta for n in adapters}, p.target, skipped, method=p.method,
+            max_layer_ratio=p.max_layer_ratio, tolerance=p.tolerance,
+            options={
+                "fisher": cfg.stats.fisher, "conv_mode": cfg.stats.conv_mode, "include_classifier": p.include_classifier,
+                "exclude": list(p.exclude), "freeze_rotations": p.freeze_rotations, "seed": cfg.seed,
+                "max_factor_dim": cfg.stats.max_factor_dim,
+            },
+        )
+        store.save_text("plan.json", plan.to_json())
+    pruned = apply_plan(model, plan, {n: (s.basis.QA, s.basis.QS, s.w_kfe) for n, s in scored.items()})
+    timings["plan"] = time.perf_counter() - t0
     pruned_before = evaluate(pruned, test_loader, device=device)
 
+    # --- fine-tuning ------------------------------------------------------------------------
     t0 = time.perf_counter()
-    ft_history = train(
-        pruned, make_loader(splits.train, cfg.finetune.batch_size, shuffle=True, seed=cfg.seed + 1, drop_last=True),
-        cfg.finetune.settings(), val_loader=val_loader, device=device, progress=cfg.progress, desc="finetune",
-    )
+    ft_recipe = ModelRecipe(recipe.spec, plan.to_dict())
+    state, ft_history = backend.train(cfg, ft_recipe, state_of(pruned), cfg.finetune, "finetune", store)
+    pruned.load_state_dict(state)
     timings["finetune"] = time.perf_counter() - t0
+    pruned.to(device)
     pruned_test = evaluate(pruned, test_loader, device=device)
     pruned_val = evaluate(pruned, val_loader, device=device)
 
-    example = splits.test[0][0][None].to(device)
+    model.cpu(), pruned.cpu()
     base_counts, pruned_counts = count(model, example), count(pruned, example)
     metrics = {
         "name": cfg.name,
         "method": p.method,
         "target": p.target,
-        "achieved": result.plan.options["summary"]["achieved"],
+        "backend": getattr(backend, "name", type(backend).__name__),
+        "achieved": plan.options["summary"]["achieved"],
         "base": {"test_acc": base_test["accuracy"], "val_acc": base_val["accuracy"], "params": base_counts.params, "macs": base_counts.macs},
         "pruned": {
             "test_acc_before_finetune": pruned_before["accuracy"],
@@ -173,8 +357,10 @@ def run_job(cfg: JobConfig, *, log=print) -> JobResult:
         "params_reduction": 1 - pruned_counts.params / base_counts.params,
         "macs_reduction": 1 - pruned_counts.macs / base_counts.macs,
         "history": {"base": base_history, "finetune": ft_history},
+        "reused_stages": reused,
         "timings": timings,
     }
+    result = PruneResult(pruned, plan, layer_report(plan), stats, timings)
     from safetensors.torch import save as st_save
 
     t0 = time.perf_counter()
@@ -182,7 +368,7 @@ def run_job(cfg: JobConfig, *, log=print) -> JobResult:
         "config.yaml": yaml.safe_dump(config_to_dict(cfg), sort_keys=False).encode(),
         "metrics.json": json.dumps(metrics, indent=1).encode(),
         "report.md": (job_table(metrics, markdown=True) + "\n\n" + result.table() + "\n").encode(),
-        "base.safetensors": st_save({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}),
+        "base.safetensors": st_save({k: v.contiguous() for k, v in state_of(model).items()}),
     }
     save(result, cfg.output.uri, extra_files=extra, metadata={"job": cfg.name})
     timings["save"] = time.perf_counter() - t0
@@ -209,4 +395,6 @@ def job_table(metrics: dict, *, markdown: bool = False) -> str:
     )
     t = metrics.get("timings", {})
     times = format_table(["stage", "seconds"], [[k, f"{v:.1f}"] for k, v in t.items()], markdown=markdown)
-    return table + "\n\n" + times
+    reused = metrics.get("reused_stages") or []
+    note = f"\n\nreused from an earlier run: {', '.join(reused)}" if reused else ""
+    return table + "\n\n" + times + note

@@ -27,7 +27,7 @@ from .methods.eigendamage import entry_scores, kfe_weight
 from .plan import Plan, parse_target, select
 from .surgery import apply_plan
 
-__all__ = ["PruneResult", "prune", "layer_scores", "LayerScores", "prunable_layers"]
+__all__ = ["PruneResult", "prune", "layer_scores", "score_in_basis", "LayerScores", "prunable_layers", "plan_from_scores", "layer_report"]
 
 
 @dataclass
@@ -49,12 +49,15 @@ class LayerScores:
 
 def layer_scores(name: str, adapter: Adapter, stats: LayerStats) -> LayerScores:
     """Eigendecompose one layer's factors and score its KFE directions (EigenDamage)."""
-    basis = eigenbasis(name, stats)
-    w = adapter.weight_matrix()
-    if tuple(w.shape[:2]) != (stats.S_sum.shape[0], stats.A_sum.shape[0]):
+    return score_in_basis(name, adapter.weight_matrix(), eigenbasis(name, stats))
+
+
+def score_in_basis(name: str, w: torch.Tensor, basis: Eigenbasis) -> LayerScores:
+    """EigenDamage scores of weights ``W~`` in an already computed eigenbasis."""
+    if tuple(w.shape[:2]) != (basis.QS.shape[0], basis.QA.shape[0]):
         raise ConfigError(
-            f"statistics of layer {name!r} have A{tuple(stats.A_sum.shape)}/S{tuple(stats.S_sum.shape)} but its "
-            f"weights are {tuple(w.shape[:2])}: they were collected on another model or conv_mode"
+            f"the eigenbasis of layer {name!r} is A{tuple(basis.QA.shape)}/S{tuple(basis.QS.shape)} but its "
+            f"weights are {tuple(w.shape[:2])}: statistics were collected on another model or conv_mode"
         )
     wk = kfe_weight(w, basis)
     return LayerScores(basis, wk, entry_scores(wk, basis))

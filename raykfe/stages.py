@@ -1,0 +1,124 @@
+"""Finished stages of a job, kept under ``<output uri>/stages/`` so that a re-run resumes.
+
+Each stage is a safetensors file plus a small JSON marker written LAST (with the file's sha256):
+a stage is done only when its marker exists and the hash matches, so a run killed mid-write simply
+redoes that stage. Training stages also keep a per-epoch checkpoint (``<stage>.ckpt.json`` points
+at the newest ``<stage>.ckpt-<epoch>.safetensors``), from which a re-run continues.
+
+    stages/config.yaml                     the resolved config of the job these stages belong to
+    stages/base.safetensors  + .json       trained base model
+    stages/stats.safetensors + .json       K-FAC sums and counts of every pruned layer
+    stages/eigen.safetensors + .json       eigenbases (Q_A, l_A, Q_S, l_S) of every pruned layer
+    stages/plan.json                       the plan
+    stages/<train stage>.ckpt-E.safetensors, .ckpt.json   the last epoch's model + optimizer state
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+import torch
+
+from .errors import StorageError
+from .storage import Location
+
+__all__ = ["StageStore", "optimizer_to_tensors", "optimizer_from_tensors"]
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+class StageStore:
+    def __init__(self, loc: Location, prefix: str = "stages") -> None:
+        self.loc = loc
+        self.prefix = prefix
+
+    def _p(self, name: str) -> str:
+        return f"{self.prefix}/{name}"
+
+    # --- whole stages -----------------------------------------------------------------------
+    def has(self, stage: str) -> bool:
+        return self.loc.exists(self._p(f"{stage}.json"))
+
+    def save(self, stage: str, tensors: dict[str, torch.Tensor], meta: Any = None) -> None:
+        from safetensors.torch import save as st_save
+
+        data = st_save({k: v.detach().cpu().contiguous() for k, v in tensors.items()})
+        self.loc.delete(self._p(f"{stage}.json"))
+        self.loc.write_bytes(self._p(f"{stage}.safetensors"), data)
+        self.loc.write_bytes(self._p(f"{stage}.json"), json.dumps({"sha256": _sha(data), "meta": meta}).encode())
+
+    def load(self, stage: str) -> tuple[dict[str, torch.Tensor], Any]:
+        from safetensors.torch import load as st_load
+
+        marker = json.loads(self.loc.read_bytes(self._p(f"{stage}.json")))
+        data = self.loc.read_bytes(self._p(f"{stage}.safetensors"))
+        if _sha(data) != marker["sha256"]:
+            raise StorageError(f"stage {stage!r} under {self.loc.uri!r} is corrupt: re-run with output.overwrite=true")
+        return st_load(data), marker["meta"]
+
+    def save_text(self, name: str, text: str) -> None:
+        self.loc.write_bytes(self._p(name), text.encode())
+
+    def load_text(self, name: str) -> str | None:
+        return self.loc.read_bytes(self._p(name)).decode() if self.loc.exists(self._p(name)) else None
+
+    def clear(self) -> None:
+        """Forget every stage (``output.overwrite=true``)."""
+        try:
+            if self.loc.fs.get_file_info(self.loc.path(self.prefix)).type.name != "NotFound":
+                self.loc.fs.delete_dir_contents(self.loc.path(self.prefix), missing_dir_ok=True)
+        except Exception as exc:
+            raise StorageError(f"cannot clear the stages under {self.loc.uri!r}: {exc}") from None
+
+    # --- per-epoch checkpoints of training stages ------------------------------------------
+    def save_checkpoint(self, stage: str, epoch: int, tensors: dict[str, torch.Tensor], meta: Any) -> None:
+        from safetensors.torch import save as st_save
+
+        data = st_save({k: v.detach().cpu().contiguous() for k, v in tensors.items()})
+        name = f"{stage}.ckpt-{epoch}.safetensors"
+        previous = self._checkpoint_marker(stage)
+        self.loc.write_bytes(self._p(name), data)
+        marker = {"epoch": epoch, "file": name, "sha256": _sha(data), "meta": meta}
+        self.loc.write_bytes(self._p(f"{stage}.ckpt.json"), json.dumps(marker).encode())
+        if previous and previous["file"] != name:
+            self.loc.delete(self._p(previous["file"]))
+
+    def _checkpoint_marker(self, stage: str) -> dict | None:
+        text = self.load_text(f"{stage}.ckpt.json")
+        return json.loads(text) if text else None
+
+    def load_checkpoint(self, stage: str) -> tuple[int, dict[str, torch.Tensor], Any] | None:
+        """(epoch, tensors, meta) of the newest complete checkpoint, or None."""
+        from safetensors.torch import load as st_load
+
+        marker = self._checkpoint_marker(stage)
+        if not marker:
+            return None
+        data = self.loc.read_bytes(self._p(marker["file"]))
+        if _sha(data) != marker["sha256"]:
+            return None
+        return int(marker["epoch"]), st_load(data), marker["meta"]
+
+
+def optimizer_to_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """SGD state as flat tensors (``opt.<param index>.<key>``) + JSON param groups (no pickles)."""
+    sd = optimizer.state_dict()
+    tensors = {}
+    for idx, st in sd["state"].items():
+        for key, val in st.items():
+            if isinstance(val, torch.Tensor):
+                tensors[f"opt.{idx}.{key}"] = val
+    return tensors, {"param_groups": sd["param_groups"]}
+
+
+def optimizer_from_tensors(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    state: dict[int, dict] = {}
+    for name, val in tensors.items():
+        if name.startswith("opt."):
+            _, idx, key = name.split(".", 2)
+            state.setdefault(int(idx), {})[key] = val
+    return {"state": state, "param_groups": meta["param_groups"]}
