@@ -1,6 +1,7 @@
 """``raykfe`` command line.
 
-    raykfe prune -c jobs/digits.yaml [key=value ...]   run a whole job, print the report table
+    raykfe prune -c jobs/digits.yaml [key=value ...]   run a whole job on Ray (joins RAY_ADDRESS or
+                                                        --address, else starts a local cluster)
     raykfe config [-c JOB] [key=value ...]              print the resolved config (defaults filled in)
     raykfe report URI                                   print the report of a finished job
 
@@ -23,6 +24,8 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("-c", "--config", required=True, help="job YAML, e.g. jobs/digits.yaml")
     pr.add_argument("overrides", nargs="*", help="key=value overrides, e.g. prune.target=flops:0.7")
     pr.add_argument("--quiet", action="store_true", help="no progress bars")
+    pr.add_argument("--address", default=None, help="Ray cluster to join (default: RAY_ADDRESS, else a new local one)")
+    pr.add_argument("--local", action="store_true", help="run in this process without Ray (runtime=local)")
     co = sub.add_parser("config", help="print the resolved job config")
     co.add_argument("-c", "--config", default=None)
     co.add_argument("overrides", nargs="*")
@@ -47,10 +50,16 @@ def _run(args) -> int:
         print(read_file(args.uri, "report.md", manifest).decode(), end="")
         return 0
     overrides = list(args.overrides) + (["progress=false"] if args.quiet else [])
+    overrides += ([f"ray.address={args.address}"] if args.address else []) + (["runtime=local"] if args.local else [])
     cfg = load_config(args.config, overrides)
     from .pipeline import job_table, run_job
 
-    job = run_job(cfg, log=lambda m: print(m, file=sys.stderr))
+    backend = None
+    if cfg.runtime == "ray":
+        from .distributed.backend import RayBackend
+
+        backend = RayBackend(cfg)
+    job = run_job(cfg, backend, log=lambda m: print(m, file=sys.stderr))
     print(job_table(job.metrics))
     if job.result is not None:
         print()

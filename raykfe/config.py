@@ -12,6 +12,9 @@ A job file has the sections below (every key optional, defaults shown by ``raykf
     prune:    {method, target, max_layer_ratio, include_classifier, exclude, tolerance, freeze_rotations}
     finetune: {epochs, lr, momentum, weight_decay, milestones, batch_size}
     output:   {uri, overwrite}
+    runtime:  ray | local
+    ray:      {address, num_cpus, workers, use_gpu, cpus_per_worker, actor_cpus, actor_gpus, max_actors,
+               max_failures, bucket_mb}
 
 Every error names the field, the value and the fix, in one line (:class:`ConfigError`).
 """
@@ -39,6 +42,7 @@ __all__ = [
     "StatsConfig",
     "PruneConfig",
     "OutputConfig",
+    "RayConfig",
     "load_config",
     "apply_overrides",
     "config_from_dict",
@@ -157,11 +161,38 @@ class OutputConfig:
 
 
 @dataclass(frozen=True)
+class RayConfig:
+    """Where and how the job runs on Ray (``runtime: ray``)."""
+
+    address: str | None = None  # a running cluster (else RAY_ADDRESS, else a new local one)
+    num_cpus: int | None = None  # logical CPUs of a NEW local cluster (default max(4, cores))
+    workers: int = 2  # Ray Train workers for statistics, base training and fine-tuning
+    use_gpu: bool = False  # one GPU per Train worker, NCCL; gloo on CPU
+    cpus_per_worker: float = 1.0
+    actor_cpus: float = 1.0  # per eigendecomposition actor
+    actor_gpus: float = 0.0
+    max_actors: int | None = None  # default: as many as the cluster's CPUs allow, at most one per layer
+    max_failures: int = 2  # Train worker restarts before the job fails
+    bucket_mb: int = 64  # all-reduce bucket size for the statistics
+
+    def validate(self, p: str) -> None:
+        _check(self.workers >= 1, f"{p}.workers", self.workers, "use at least 1 worker")
+        _check(self.num_cpus is None or self.num_cpus >= 1, f"{p}.num_cpus", self.num_cpus, "use a positive CPU count or null")
+        _check(self.cpus_per_worker > 0, f"{p}.cpus_per_worker", self.cpus_per_worker, "use a positive CPU count")
+        _check(self.actor_cpus > 0, f"{p}.actor_cpus", self.actor_cpus, "use a positive CPU count, e.g. 1")
+        _check(self.actor_gpus >= 0, f"{p}.actor_gpus", self.actor_gpus, "use 0 or more GPUs")
+        _check(self.max_actors is None or self.max_actors >= 1, f"{p}.max_actors", self.max_actors, "use a positive number or null")
+        _check(self.max_failures >= 0, f"{p}.max_failures", self.max_failures, "use 0 or more")
+        _check(self.bucket_mb >= 1, f"{p}.bucket_mb", self.bucket_mb, "use at least 1 MB")
+
+
+@dataclass(frozen=True)
 class JobConfig:
     name: str = "job"
     seed: int = 0
     device: str = "cpu"
     progress: bool = True
+    runtime: str = "ray"  # "ray" (Train workers + actors) or "local" (one process, the reference)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     base: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=30, lr=0.05))
@@ -169,9 +200,11 @@ class JobConfig:
     prune: PruneConfig = field(default_factory=PruneConfig)
     finetune: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=15, lr=0.01))
     output: OutputConfig = field(default_factory=OutputConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
 
     def validate(self, p: str = "") -> None:
         _check(self.device == "cpu" or self.device.startswith("cuda"), "device", self.device, "use 'cpu' or 'cuda[:N]'")
+        _check(self.runtime in ("ray", "local"), "runtime", self.runtime, "use 'ray' or 'local'")
         for f in fields(self):
             v = getattr(self, f.name)
             if dataclasses.is_dataclass(v):

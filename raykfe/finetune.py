@@ -102,12 +102,14 @@ def train(
     before_epoch: Callable[[int], None] | None = None,
     checkpoint: Callable[[int, nn.Module, torch.optim.Optimizer, list[dict[str, Any]]], None] | None = None,
     history: list[dict[str, Any]] | None = None,
+    eval_module: nn.Module | None = None,
 ) -> list[dict[str, Any]]:
     """Train ``model`` in place with SGD; returns one record per epoch.
 
     Resuming: ``start_epoch`` epochs are already done (``history`` holds their records and
     ``optimizer_state`` the optimizer's state_dict); ``before_epoch(epoch)`` runs before each epoch
     (e.g. to reshuffle a shard) and ``checkpoint(epoch, model, optimizer, records)`` after it.
+    ``eval_module`` is validated instead of ``model`` (the plain module inside a DDP wrapper).
 
     Each record is ``{"epoch": int (1-based), "loss": float (mean train loss), "train_acc": float,
     "val_acc": float | None, "lr": float (the LR used in that epoch)}``; ``on_epoch`` is called
@@ -169,7 +171,7 @@ def train(
         scheduler.step()
         val_acc = None
         if val_loader is not None:
-            val_acc = evaluate(model, val_loader, device=device)["accuracy"]
+            val_acc = evaluate(eval_module or model, val_loader, device=device)["accuracy"]
             model.train()
         record = {
             "epoch": epoch,

@@ -34,7 +34,7 @@ from .factors import LayerStats, stats_from_tensors, stats_to_tensors
 from .finetune import evaluate, train
 from .models import build_model
 from .plan import Plan
-from .pruning import PruneResult, layer_report, plan_from_scores, prunable_layers, score_in_basis
+from .pruning import LayerScores, PruneResult, layer_report, plan_from_scores, prunable_layers, score_in_basis
 from .report import format_table, human
 from .stages import StageStore, optimizer_from_tensors, optimizer_to_tensors
 from .storage import open_uri
@@ -123,7 +123,7 @@ def run_training(
     return train(
         model, train_loader, tcfg.settings(), val_loader=val_loader, device=device, progress=progress, desc=stage,
         start_epoch=start, optimizer_state=opt_state, history=history, before_epoch=before_epoch,
-        checkpoint=checkpoint, on_epoch=on_epoch,
+        checkpoint=checkpoint, on_epoch=on_epoch, eval_module=unwrap(model),
     )
 
 
@@ -132,7 +132,9 @@ class Backend(Protocol):
 
     def collect(self, cfg: JobConfig, recipe: ModelRecipe, state: dict, layers: list[str]) -> dict[str, LayerStats]: ...
 
-    def eigen(self, stats: dict[str, LayerStats]) -> dict[str, Eigenbasis]: ...
+    def score(self, stats: dict[str, LayerStats], weights: dict[str, torch.Tensor]) -> dict[str, LayerScores]:
+        """Eigendecompose every layer's factors and score its directions in that basis."""
+        ...
 
 
 class LocalBackend:
@@ -162,8 +164,8 @@ class LocalBackend:
             progress=cfg.progress,
         )
 
-    def eigen(self, stats):
-        return {name: eigenbasis(name, st) for name, st in stats.items()}
+    def score(self, stats, weights):
+        return {name: score_in_basis(name, weights[name], eigenbasis(name, st)) for name, st in stats.items()}
 
 
 def _device(cfg: JobConfig) -> torch.device:
@@ -291,24 +293,27 @@ def run_job(cfg: JobConfig, backend: Backend | None = None, *, log=print) -> Job
         reused.append("statistics")
     else:
         stats = backend.collect(cfg, recipe, state_of(model), list(adapters))
-        store.save("stats", *stats_to_tensors(stats))
+        if not store.has("stats"):  # the Ray backend's chief worker has stored them already
+            store.save("stats", *stats_to_tensors(stats))
     timings["statistics"] = time.perf_counter() - t0
 
     # --- eigenbases -------------------------------------------------------------------------
     t0 = time.perf_counter()
+    model.cpu()
     if store.has("eigen"):
         tensors, _ = store.load("eigen")
-        bases = {n: Eigenbasis(tensors[f"{n}::QA"], tensors[f"{n}::lA"], tensors[f"{n}::QS"], tensors[f"{n}::lS"]) for n in adapters}
+        scored = {
+            n: score_in_basis(n, a.weight_matrix(), Eigenbasis(*(tensors[f"{n}::{k}"] for k in ("QA", "lA", "QS", "lS"))))
+            for n, a in adapters.items()
+        }
         reused.append("eigen")
     else:
-        bases = backend.eigen({n: stats[n] for n in adapters})
-        store.save("eigen", {f"{n}::{k}": getattr(b, k) for n, b in bases.items() for k in ("QA", "lA", "QS", "lS")})
+        scored = backend.score({n: stats[n] for n in adapters}, {n: a.weight_matrix() for n, a in adapters.items()})
+        store.save("eigen", {f"{n}::{k}": getattr(s.basis, k) for n, s in scored.items() for k in ("QA", "lA", "QS", "lS")})
     timings["eigen"] = time.perf_counter() - t0
 
-    # --- scores and plan --------------------------------------------------------------------
+    # --- plan -------------------------------------------------------------------------------
     t0 = time.perf_counter()
-    model.cpu()
-    scored = {n: score_in_basis(n, a.weight_matrix(), bases[n]) for n, a in adapters.items()}
     plan_text = store.load_text("plan.json")
     if plan_text is not None:
         plan = Plan.from_json(plan_text)

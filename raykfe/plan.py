@@ -312,7 +312,10 @@ def select(
         if action == "kfe":
             if entry_scores is not None:
                 e = entry_scores[name]
-                dl = float(e.sum() - e[np.ix_(keep_out, keep_in)].sum())
+                gone = np.zeros(e.shape, dtype=bool)
+                gone[sorted(rows_out), :] = True
+                gone[:, sorted(cols_out)] = True
+                dl = float(e[gone].sum())  # every entry in a removed row or column, once
             else:  # upper bound: overlaps of removed rows and columns counted twice
                 dl = float(np.asarray(scores[name][0])[sorted(rows_out)].sum() + np.asarray(scores[name][1])[sorted(cols_out)].sum())
         plans[name] = LayerPlan(

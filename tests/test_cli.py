@@ -13,7 +13,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 TINY = [
     "model.name=resnet8", "data.image_size=16", "base.epochs=1", "finetune.epochs=1",
-    "stats.max_batches=2", "prune.target=flops:0.5", "progress=false",
+    "stats.max_batches=2", "prune.target=flops:0.5", "progress=false", "runtime=local",
 ]
 
 

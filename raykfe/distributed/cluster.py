@@ -1,0 +1,35 @@
+"""Join a Ray cluster or start a local one."""
+
+from __future__ import annotations
+
+import os
+
+import ray
+
+from ..errors import ConfigError
+
+__all__ = ["connect", "cluster_cpus"]
+
+
+def connect(address: str | None = None, num_cpus: int | None = None) -> str:
+    """Connect once per process: ``address`` (``ray.address``), else ``RAY_ADDRESS`` (set by
+    ``ray job submit``), else a new local cluster with ``num_cpus`` logical CPUs (default
+    ``max(4, cores)``: on 2 cores a Tune trial plus its Train workers would otherwise deadlock)."""
+    if ray.is_initialized():
+        return "connected"
+    address = address or os.environ.get("RAY_ADDRESS")
+    try:
+        if address:
+            ray.init(address=address, log_to_driver=False)
+            return address
+        ray.init(address="local", num_cpus=num_cpus or max(4, os.cpu_count() or 1), include_dashboard=False,
+                 log_to_driver=False)
+        return "local"
+    except ConnectionError as exc:
+        raise ConfigError(f"cannot reach the Ray cluster at {address!r} ({str(exc).splitlines()[0]}): check ray.address / RAY_ADDRESS or start it with 'ray start --head'") from None
+    except (ValueError, RuntimeError) as exc:
+        raise ConfigError(f"cannot start or join Ray ({str(exc).splitlines()[0]}): check ray.address / RAY_ADDRESS") from None
+
+
+def cluster_cpus() -> float:
+    return float(ray.cluster_resources().get("CPU", 1.0))

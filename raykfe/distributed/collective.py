@@ -1,0 +1,60 @@
+"""All-reduce of K-FAC statistics across Train workers (torch.distributed: gloo on CPU, NCCL on GPU).
+
+Only SUMS and counts travel (never averages of per-worker means). A factor is symmetric, so only
+its upper triangle ``n(n+1)/2`` goes on the wire; the triangles of all layers are packed into
+float64 buckets of at most ``bucket_bytes`` (one all-reduce each), then unpacked and mirrored.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+import torch.distributed as dist
+
+from ..factors import LayerStats
+
+__all__ = ["allreduce_stats", "pack_triangles", "unpack_triangles"]
+
+
+def pack_triangles(stats: Mapping[str, LayerStats]) -> tuple[torch.Tensor, list]:
+    """One flat float64 vector of every factor's upper triangle, then the counts; and its layout."""
+    parts, layout = [], []
+    for name, st in stats.items():
+        for key in ("A_sum", "S_sum"):
+            m = getattr(st, key)
+            iu = torch.triu_indices(m.shape[0], m.shape[0], device=m.device)
+            parts.append(m[iu[0], iu[1]].to(torch.float64))
+            layout.append((name, key, m.shape[0]))
+    parts.append(torch.tensor([float(st.count) for st in stats.values()], dtype=torch.float64,
+                              device=parts[0].device if parts else "cpu"))
+    return torch.cat(parts), layout
+
+
+def unpack_triangles(flat: torch.Tensor, layout: list, stats: Mapping[str, LayerStats]) -> None:
+    offset = 0
+    for name, key, n in layout:
+        size = n * (n + 1) // 2
+        iu = torch.triu_indices(n, n, device=flat.device)
+        m = torch.zeros(n, n, dtype=torch.float64, device=flat.device)
+        m[iu[0], iu[1]] = flat[offset:offset + size]
+        m = m + m.T - torch.diag(m.diagonal())
+        setattr(stats[name], key, m.to(getattr(stats[name], key).device))
+        offset += size
+    for st, c in zip(stats.values(), flat[offset:].tolist()):
+        st.count = int(round(c))
+
+
+def allreduce_stats(stats: Mapping[str, LayerStats], *, bucket_bytes: int = 64 << 20, device=None) -> None:
+    """Sum ``stats`` over all ranks of the default process group, in place."""
+    if not dist.is_available() or not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    flat, layout = pack_triangles(stats)
+    if device is not None:
+        flat = flat.to(device)
+    step = max(1, bucket_bytes // 8)
+    for start in range(0, flat.numel(), step):
+        bucket = flat[start:start + step].clone()
+        dist.all_reduce(bucket, op=dist.ReduceOp.SUM)
+        flat[start:start + step] = bucket
+    unpack_triangles(flat.cpu(), layout, stats)

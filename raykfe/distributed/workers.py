@@ -1,0 +1,141 @@
+"""Ray Train worker functions (each runs on every Train worker; rank 0 is the chief).
+
+* :func:`stats_worker` -- each worker reads its own shard (example ``i`` goes to rank ``i % world``),
+  accumulates (sum, count) statistics, all-reduces them in buckets, and the chief stores them.
+  Fisher labels are drawn per example index (:func:`raykfe.capture.example_uniforms`), so the
+  merged statistics equal the single-process ones whatever the number of workers, and a restarted
+  worker redraws the same labels.
+* :func:`train_worker` -- data-parallel SGD (DDP via ``ray.train.torch.prepare_model``): every
+  epoch each worker takes an equal slice of a seeded permutation, the chief validates, checkpoints
+  under the job's stage store and every worker reports the epoch's metrics.
+
+A test-only fault can be injected through ``config["fault"]`` (set by the driver from the
+``RAYKFE_FAULT_INJECT`` environment variable, ``stage:rank:after:marker-file``): the worker of that
+rank exits hard once, after ``after`` batches (stats) or epochs (training).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import ray
+import ray.train
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from ..capture import collect_factors
+from ..config import TrainConfig, config_from_dict
+from ..factors import stats_to_tensors
+from ..stages import StageStore
+from ..storage import open_uri
+from .collective import allreduce_stats
+
+__all__ = ["stats_worker", "train_worker", "IndexedSubset", "ShardSampler"]
+
+
+class IndexedSubset(Dataset):
+    """``base[indices[i]]`` as ``(x, y, global index)``."""
+
+    def __init__(self, base: Dataset, indices: list[int]) -> None:
+        self.base, self.indices = base, list(indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int):
+        x, y = self.base[self.indices[i]]
+        return x, y, self.indices[i]
+
+
+class ShardSampler(Sampler):
+    """Per epoch, a seeded permutation of ``n`` examples; rank r takes slice r of ``world`` equal ones."""
+
+    def __init__(self, n: int, rank: int, world: int, seed: int) -> None:
+        self.n, self.rank, self.world, self.seed, self.epoch = n, rank, world, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n // self.world
+
+    def __iter__(self):
+        gen = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
+        perm = torch.randperm(self.n, generator=gen)
+        per = self.n // self.world
+        return iter(perm[self.rank * per:(self.rank + 1) * per].tolist())
+
+
+def _maybe_fail(fault: dict | None, stage: str, rank: int, step: int) -> None:
+    if not fault or fault.get("stage") != stage or int(fault.get("rank", -1)) != rank or step != int(fault.get("after", 0)):
+        return
+    marker = Path(fault["marker"])
+    if marker.exists():
+        return
+    marker.write_text(f"killed {stage} rank {rank} after {step}\n")
+    os._exit(1)
+
+
+def _setup(config: dict):
+    from ..pipeline import ModelRecipe, data_splits
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    cfg = config_from_dict(config["cfg"])
+    torch.set_num_threads(max(1, int(config.get("threads", 1))))
+    model = ModelRecipe(**config["recipe"]).build()
+    model.load_state_dict(ray.get(config["state"]))
+    return cfg, rank, world, model, data_splits(cfg)
+
+
+def stats_worker(config: dict) -> None:
+    cfg, rank, world, model, splits = _setup(config)
+    device = ray.train.torch.get_device()
+    model.to(device)
+    n = len(splits.train)
+    if cfg.stats.max_batches is not None:
+        n = min(n, cfg.stats.max_batches * cfg.stats.batch_size)
+    shard = IndexedSubset(splits.train, range(rank, n, world))
+    loader = DataLoader(shard, batch_size=cfg.stats.batch_size, shuffle=False)
+    fault = config.get("fault")
+
+    def batches():
+        for b, batch in enumerate(loader):
+            _maybe_fail(fault, "stats", rank, b)
+            yield batch
+
+    stats = collect_factors(
+        model, batches(), fisher=cfg.stats.fisher, conv_mode=cfg.stats.conv_mode, seed=cfg.seed,
+        layers=config["layers"], progress=cfg.progress and rank == 0,
+    )
+    allreduce_stats(stats, bucket_bytes=cfg.ray.bucket_mb << 20, device=device if device.type == "cuda" else None)
+    if rank == 0:
+        StageStore(open_uri(cfg.output.uri)).save("stats", *stats_to_tensors(stats))
+    ray.train.report({"layers": len(stats), "examples": stats[config["layers"][0]].count})
+
+
+def train_worker(config: dict) -> None:
+    from ..data import make_loader
+    from ..pipeline import run_training
+
+    cfg, rank, world, model, splits = _setup(config)
+    stage = config["stage"]
+    tcfg = TrainConfig(**{**config["tcfg"], "milestones": tuple(config["tcfg"]["milestones"])})
+    model = ray.train.torch.prepare_model(model)
+    device = ray.train.torch.get_device()
+    sampler = ShardSampler(len(splits.train), rank, world, cfg.seed + (stage == "finetune"))
+    loader = DataLoader(splits.train, batch_size=max(1, tcfg.batch_size // world), sampler=sampler, drop_last=True)
+    fault = config.get("fault")
+
+    def before_epoch(epoch: int) -> None:
+        _maybe_fail(fault, stage, rank, epoch - 1)
+        sampler.set_epoch(epoch)
+
+    run_training(
+        model, loader, tcfg, stage, StageStore(open_uri(cfg.output.uri)),
+        val_loader=make_loader(splits.val, 256, shuffle=False) if rank == 0 else None,
+        device=device, progress=cfg.progress and rank == 0, chief=rank == 0, before_epoch=before_epoch,
+        on_epoch=lambda rec: ray.train.report({k: v for k, v in rec.items() if v is not None}),
+        unwrap=lambda m: getattr(m, "module", m),
+    )
