@@ -193,6 +193,11 @@ def _load_base_weights(model: nn.Module, path: str) -> None:
         )
 
 
+def _checkpoint_epoch(store: StageStore, stage: str) -> int:
+    ckpt = store.load_checkpoint(stage)
+    return ckpt[0] if ckpt else 0
+
+
 def _job_identity(d: dict) -> dict:
     return {k: v for k, v in d.items() if k not in RUN_ONLY_KEYS}
 
@@ -264,6 +269,7 @@ def run_job(cfg: JobConfig, backend: Backend | None = None, *, log=print) -> Job
     test_loader = make_loader(splits.test, 256, shuffle=False)
     timings["data"] = time.perf_counter() - t0
     reused: list[str] = []
+    resumed: dict[str, int] = {}  # training stages continued from an epoch checkpoint
 
     # --- base model -----------------------------------------------------------------------
     t0 = time.perf_counter()
@@ -277,6 +283,7 @@ def run_job(cfg: JobConfig, backend: Backend | None = None, *, log=print) -> Job
         reused.append("base")
     else:
         log(f"raykfe: training the base {cfg.model.name} for {cfg.base.epochs} epochs (no model.weights given)")
+        resumed["base"] = _checkpoint_epoch(store, "base")
         state, base_history = backend.train(cfg, recipe, state_of(model), cfg.base, "base", store)
         model.load_state_dict(state)
         store.save("base", state_of(model), {"history": base_history})
@@ -336,6 +343,7 @@ def run_job(cfg: JobConfig, backend: Backend | None = None, *, log=print) -> Job
     # --- fine-tuning ------------------------------------------------------------------------
     t0 = time.perf_counter()
     ft_recipe = ModelRecipe(recipe.spec, plan.to_dict())
+    resumed["finetune"] = _checkpoint_epoch(store, "finetune")
     state, ft_history = backend.train(cfg, ft_recipe, state_of(pruned), cfg.finetune, "finetune", store)
     pruned.load_state_dict(state)
     timings["finetune"] = time.perf_counter() - t0
@@ -363,6 +371,7 @@ def run_job(cfg: JobConfig, backend: Backend | None = None, *, log=print) -> Job
         "macs_reduction": 1 - pruned_counts.macs / base_counts.macs,
         "history": {"base": base_history, "finetune": ft_history},
         "reused_stages": reused,
+        "resumed_from_epoch": {k: v for k, v in resumed.items() if v},
         "timings": timings,
     }
     result = PruneResult(pruned, plan, layer_report(plan), stats, timings)
@@ -402,4 +411,6 @@ def job_table(metrics: dict, *, markdown: bool = False) -> str:
     times = format_table(["stage", "seconds"], [[k, f"{v:.1f}"] for k, v in t.items()], markdown=markdown)
     reused = metrics.get("reused_stages") or []
     note = f"\n\nreused from an earlier run: {', '.join(reused)}" if reused else ""
+    for stage, epoch in (metrics.get("resumed_from_epoch") or {}).items():
+        note += f"\n{stage} resumed after epoch {epoch}"
     return table + "\n\n" + times + note

@@ -1,0 +1,244 @@
+"""raykfe on Ray: the distributed run must give the same statistics and plan as the single-process
+reference, survive a killed worker, resume a stopped job, and run when submitted as a Ray job."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import raykfe
+from raykfe.config import load_config
+from raykfe.distributed.collective import pack_triangles, unpack_triangles
+from raykfe.distributed.placement import assign_layers
+from raykfe.errors import RaykfeError
+from raykfe.factors import LayerStats
+from raykfe.models import build_model
+from raykfe.pipeline import LocalBackend, ModelRecipe, data_splits, run_job, state_of
+from raykfe.plan import Plan
+from raykfe.pruning import plan_from_scores, prunable_layers
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ------------------------------------------------------------------------------------------------
+# pure parts
+# ------------------------------------------------------------------------------------------------
+
+
+def test_placement_longest_first_to_least_loaded():
+    costs = {"a": 8.0, "b": 7.0, "c": 6.0, "d": 5.0, "e": 4.0}
+    assert assign_layers(costs, 2) == [["a", "d", "e"], ["b", "c"]]
+    # one layer larger than all others together gets an actor of its own
+    big = {"fc": 1000.0, "c1": 1.0, "c2": 2.0, "c3": 3.0}
+    assert assign_layers(big, 2) == [["fc"], ["c3", "c2", "c1"]]
+    # more actors than layers: one layer each; a single actor takes everything, largest first
+    assert assign_layers({"x": 1.0, "y": 2.0}, 5) == [["y"], ["x"]]
+    assert assign_layers(costs, 1) == [["a", "b", "c", "d", "e"]]
+    # the makespan of LPT is within 4/3 of the optimum (here the optimum is 15 = 8+7 vs 6+5+4)
+    loads = [sum(costs[n] for n in g) for g in assign_layers(costs, 2)]
+    assert max(loads) <= 4 / 3 * 15
+    with pytest.raises(ValueError):
+        assign_layers(costs, 0)
+
+
+def test_triangle_packing_round_trip():
+    g = torch.Generator().manual_seed(0)
+    stats = {}
+    for name, (din, dout) in {"l1": (5, 3), "l2": (1, 7)}.items():
+        a, s = torch.randn(din, din, generator=g, dtype=torch.float64), torch.randn(dout, dout, generator=g, dtype=torch.float64)
+        stats[name] = LayerStats(a @ a.T, s @ s.T, 11 + din)
+    flat, layout = pack_triangles(stats)
+    assert flat.numel() == sum(n * (n + 1) // 2 for n in (5, 3, 1, 7)) + 2
+    copy = {n: LayerStats(torch.zeros_like(st.A_sum), torch.zeros_like(st.S_sum), 0) for n, st in stats.items()}
+    unpack_triangles(flat, layout, copy)
+    for n in stats:
+        assert torch.equal(copy[n].A_sum, stats[n].A_sum) and torch.equal(copy[n].S_sum, stats[n].S_sum)
+        assert copy[n].count == stats[n].count
+
+
+# ------------------------------------------------------------------------------------------------
+# on the shared Ray cluster
+# ------------------------------------------------------------------------------------------------
+
+
+def _setup(tmp_path, *extra):
+    cfg = load_config("jobs/digits.yaml", [
+        "model.name=resnet8", "data.image_size=16", "stats.max_batches=3", "stats.batch_size=32", "progress=false",
+        "ray.workers=2", f"output.uri={tmp_path / 'out'}", *extra,
+    ])
+    torch.manual_seed(0)
+    model = build_model("resnet8", 10)
+    example = data_splits(cfg).test[0][0][None]
+    adapters, skipped = prunable_layers(model, example)
+    return cfg, model, example, adapters, skipped
+
+
+def _plan(cfg, model, example, adapters, skipped, stats, scored) -> Plan:
+    return plan_from_scores(
+        model, example, scored, {n: stats[n].meta for n in adapters}, cfg.prune.target, skipped,
+        method="eigendamage", max_layer_ratio=0.95, tolerance=0.02, options={},
+    )
+
+
+def _assert_stats_close(got, want):
+    assert list(got) == list(want)
+    for name in want:
+        assert got[name].count == want[name].count, name
+        for key in ("A_sum", "S_sum"):
+            g, w = getattr(got[name], key), getattr(want[name], key)
+            err = (g - w).abs().max().item() / max(w.abs().max().item(), 1e-300)
+            assert err < 1e-5, f"{name}.{key}: relative error {err:.2e}"
+            assert torch.equal(g, g.T), f"{name}.{key} is not exactly symmetric"
+
+
+@pytest.mark.ray
+def test_two_workers_match_single_process_statistics_and_plan(ray_cluster, tmp_path):
+    from raykfe.distributed.backend import RayBackend
+
+    cfg, model, example, adapters, skipped = _setup(tmp_path)
+    recipe, state = ModelRecipe(dict(model.raykfe_spec)), state_of(model)
+    backend = RayBackend(cfg)
+    dist_stats = backend.collect(cfg, recipe, state, list(adapters))
+    local_stats = LocalBackend().collect(cfg, recipe, state, list(adapters))
+    assert next(iter(local_stats.values())).count == 3 * 32
+    _assert_stats_close(dist_stats, local_stats)
+
+    weights = {n: a.weight_matrix() for n, a in adapters.items()}
+    dist_scored = backend.score(dist_stats, weights)  # on eigen actors
+    local_scored = LocalBackend().score(local_stats, weights)
+    for n in adapters:
+        got, want = dist_scored[n].entries, local_scored[n].entries
+        err = (got - want).abs().max().item() / want.abs().max().item()
+        assert err < 1e-4, f"{n}: scores differ by {err:.2e} of the largest score"
+    p_dist = _plan(cfg, model, example, adapters, skipped, dist_stats, dist_scored)
+    p_local = _plan(cfg, model, example, adapters, skipped, local_stats, local_scored)
+    for n in adapters:
+        a, b = p_dist.layers[n], p_local.layers[n]
+        assert (a.action, a.keep_in, a.keep_out) == (b.action, b.keep_in, b.keep_out), n
+    assert (p_dist.params, p_dist.macs) == (p_local.params, p_local.macs)
+
+
+@pytest.mark.ray
+def test_worker_killed_during_statistics_is_restarted_with_same_statistics(ray_cluster, tmp_path, monkeypatch):
+    from raykfe.distributed.backend import FAULT_ENV, RayBackend
+
+    cfg, model, _, adapters, _ = _setup(tmp_path, "ray.max_failures=2")
+    recipe, state = ModelRecipe(dict(model.raykfe_spec)), state_of(model)
+    marker = tmp_path / "killed"
+    monkeypatch.setenv(FAULT_ENV, f"stats:1:1:{marker}")  # rank 1 exits hard after its first batch
+    dist_stats = RayBackend(cfg).collect(cfg, recipe, state, list(adapters))
+    assert marker.exists(), "the fault was not injected"
+    _assert_stats_close(dist_stats, LocalBackend().collect(cfg, recipe, state, list(adapters)))
+
+
+class _DiesAfterStatistics(LocalBackend):
+    def score(self, stats, weights):
+        raise KeyboardInterrupt  # the driver is stopped right after the statistics stage
+
+
+def test_job_stopped_after_statistics_resumes_and_reuses_them(tmp_path, tiny_job_overrides):
+    cfg = load_config("jobs/digits.yaml", [*tiny_job_overrides, "runtime=local"])
+    with pytest.raises(KeyboardInterrupt):
+        run_job(cfg, _DiesAfterStatistics(), log=lambda m: None)
+    assert not (tmp_path / "out" / "manifest.json").exists()  # no half result is visible
+    with pytest.raises(raykfe.StorageError):
+        raykfe.load(str(tmp_path / "out"))
+    job = run_job(cfg, LocalBackend(), log=lambda m: None)
+    assert job.metrics["reused_stages"] == ["base", "statistics"]
+    assert raykfe.load(str(tmp_path / "out")).plan.target == "flops:0.5"
+    # a different job may not reuse these stages
+    other = load_config("jobs/digits.yaml", [*tiny_job_overrides, "runtime=local", "stats.fisher=empirical"])
+    with pytest.raises(raykfe.StorageError, match="different job"):
+        run_job(other, LocalBackend(), log=lambda m: None)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_job_stopped_mid_finetuning_resumes_from_last_epoch(ray_cluster, tmp_path, tiny_job_overrides, monkeypatch):
+    from raykfe.distributed.backend import FAULT_ENV, RayBackend
+
+    overrides = [*tiny_job_overrides, "finetune.epochs=2", "ray.max_failures=0"]
+    cfg = load_config("jobs/digits.yaml", overrides)
+    monkeypatch.setenv(FAULT_ENV, f"finetune:0:1:{tmp_path / 'killed'}")  # chief dies before epoch 2
+    with pytest.raises(RaykfeError, match="finetune stage failed"):
+        run_job(cfg, RayBackend(cfg), log=lambda m: None)
+    assert (tmp_path / "killed").exists()
+    assert not (tmp_path / "out" / "manifest.json").exists()
+    monkeypatch.delenv(FAULT_ENV)
+    job = run_job(cfg, RayBackend(cfg), log=lambda m: None)
+    assert job.metrics["reused_stages"] == ["base", "statistics", "eigen", "plan"]
+    assert job.metrics["resumed_from_epoch"] == {"finetune": 1}
+    assert [r["epoch"] for r in job.metrics["history"]["finetune"]] == [1, 2]
+    loaded = raykfe.load(str(tmp_path / "out"))
+    loaded.model.eval()
+    x = data_splits(cfg).test[0][0][None]
+    with torch.no_grad():
+        assert torch.equal(loaded.model(x), job.result.model.eval()(x))
+
+
+# ------------------------------------------------------------------------------------------------
+# ray job submit against a `ray start --head` cluster on loopback, token authentication on
+# ------------------------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_ray_job_submit_of_digits_job(tmp_path):
+    bindir = Path(sys.executable).parent
+    ray_cli = str(bindir / "ray")
+    gcs, dash = _free_port(), _free_port()
+    env = {**os.environ, "PATH": f"{bindir}:{os.environ.get('PATH', '')}", "RAY_AUTH_MODE": "token"}
+    env.pop("RAY_ADDRESS", None)
+    head = subprocess.Popen(
+        [ray_cli, "start", "--head", "--block", f"--port={gcs}", f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1",
+         "--node-ip-address=127.0.0.1", "--num-cpus=4", "--disable-usage-stats"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    out = tmp_path / "submitted"
+    try:
+        address = f"http://127.0.0.1:{dash}"
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            probe = subprocess.run([ray_cli, "job", "list", "--address", address], env=env, capture_output=True, timeout=60)
+            if probe.returncode == 0:
+                break
+            time.sleep(2)
+        else:
+            pytest.fail("the Ray head did not start within 120 s")
+        # only what the job needs is uploaded (the package and the job spec)
+        workdir = tmp_path / "wd"
+        shutil.copytree(REPO / "raykfe", workdir / "raykfe", ignore=shutil.ignore_patterns("__pycache__"))
+        shutil.copytree(REPO / "jobs", workdir / "jobs")
+        proc = subprocess.run(
+            [ray_cli, "job", "submit", "--address", address, "--working-dir", str(workdir), "--",
+             "python", "-m", "raykfe.cli", "prune", "-c", "jobs/digits.yaml", "model.name=resnet8", "data.image_size=16",
+             "base.epochs=1", "finetune.epochs=1", "stats.max_batches=2", "progress=false", f"output.uri={out}"],
+            env=env, capture_output=True, text=True, timeout=900,
+        )
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        assert "succeeded" in proc.stdout + proc.stderr
+    finally:
+        head.terminate()
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, 9)
+    result = raykfe.load(str(out))
+    assert result.plan.target == "flops:0.7"
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert result.model(x).shape == (2, 10)
