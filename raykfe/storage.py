@@ -8,8 +8,9 @@ credentials come from the environment (never from configs, never written anywher
 from __future__ import annotations
 
 import os
+import uuid
 from dataclasses import dataclass
-from urllib.parse import urlparse
+from urllib.parse import parse_qs, unquote, urlparse
 
 import pyarrow.fs as pafs
 
@@ -36,12 +37,31 @@ class Location:
         return StorageError(f"cannot {what} under {self.uri!r}: {msg} (check the URI, the endpoint and the credentials)")
 
     def write_bytes(self, name: str, data: bytes) -> None:
+        """Write one file whole: readers see the old content or the new, never a torn file.
+
+        An object store replaces an object atomically; on a local disk the bytes go to a temporary
+        sibling that is renamed over ``name`` only once complete.
+        """
+        path = self.path(name)
         try:
-            parent = self.path(name).rpartition("/")[0]
-            if parent and isinstance(self.fs, pafs.LocalFileSystem):
+            if not isinstance(self.fs, pafs.LocalFileSystem):
+                with self.fs.open_output_stream(path) as f:
+                    f.write(data)
+                return
+            parent = path.rpartition("/")[0]
+            if parent:
                 self.fs.create_dir(parent, recursive=True)
-            with self.fs.open_output_stream(self.path(name)) as f:
-                f.write(data)
+            tmp = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+            try:
+                with self.fs.open_output_stream(tmp) as f:
+                    f.write(data)
+                self.fs.move(tmp, path)
+            except BaseException:
+                try:
+                    self.fs.delete_file(tmp)
+                except Exception:
+                    pass
+                raise
         except StorageError:
             raise
         except Exception as exc:  # pyarrow raises OSError / ArrowException subclasses
@@ -78,13 +98,56 @@ def open_uri(uri: str) -> Location:
         raise StorageError(f"output URI {uri!r} is empty: give a local directory or an s3:// / gs:// URI")
     parsed = urlparse(uri)
     if parsed.scheme in ("", "file") or (len(parsed.scheme) == 1 and os.name == "nt"):
-        path = parsed.path if parsed.scheme == "file" else uri
+        if parsed.scheme == "file" and parsed.netloc not in ("", "localhost"):
+            # file://results/run1 would otherwise silently mean /run1
+            raise StorageError(
+                f"file URI {uri!r} names a host ({parsed.netloc!r}): use file:///absolute/path or a plain local path"
+            )
+        path = unquote(parsed.path) if parsed.scheme == "file" else uri
         path = os.path.abspath(os.path.expanduser(path)).rstrip("/")
         return Location(pafs.LocalFileSystem(), path, uri)
     if parsed.scheme not in ("s3", "gs", "gcs"):
         raise StorageError(f"URI scheme {parsed.scheme!r} of {uri!r} is not supported: use a local path, file://, s3:// or gs://")
+    if parsed.username or parsed.password:
+        # the URI is saved with the job's config: a secret in it would be written to storage
+        raise StorageError(
+            f"the URI for bucket {parsed.hostname!r} carries credentials: remove them from the URI and set "
+            "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or GOOGLE_APPLICATION_CREDENTIALS) in the environment"
+        )
     try:
         fs, path = pafs.FileSystem.from_uri(uri)
+        if parsed.scheme == "s3":
+            fs = _s3_with_endpoint(parsed) or fs
+    except StorageError:
+        raise
     except Exception as exc:
         raise StorageError(f"cannot open {uri!r}: {str(exc).splitlines()[0]}") from None
     return Location(fs, path.rstrip("/"), uri)
+
+
+# Query options of an s3:// URI that pyarrow's FileSystem.from_uri understands, and their types.
+_S3_QUERY = {"region": str, "scheme": str, "endpoint_override": str, "allow_bucket_creation": bool,
+             "allow_bucket_deletion": bool, "tls_ca_file_path": str}
+S3_MAX_ATTEMPTS = 3  # the AWS SDK's standard retry count
+
+
+def _s3_with_endpoint(parsed) -> pafs.S3FileSystem | None:
+    """An S3 filesystem for an ``endpoint_override`` URI with a bounded retry policy, else None.
+
+    ``FileSystem.from_uri`` retries a refused connection for ~6 s per request, so a mistyped or
+    stopped endpoint would take long to report; this builds the same filesystem from the URI's query
+    with the SDK's standard retry strategy (3 attempts, ~2 s). Credentials still come from the
+    environment / AWS config. URIs with other options (or user info) keep ``from_uri``'s filesystem.
+    """
+    query = parse_qs(parsed.query, keep_blank_values=True)
+    if "endpoint_override" not in query or not set(query) <= set(_S3_QUERY) or parsed.username or parsed.password:
+        return None
+    kwargs: dict = {}
+    for key, values in query.items():
+        value = values[-1]
+        if _S3_QUERY[key] is bool:
+            if value.lower() not in ("true", "1", "false", "0"):
+                raise StorageError(f"{key}={value!r} in {parsed.geturl()!r} is not a boolean: use true or false")
+            value = value.lower() in ("true", "1")
+        kwargs[key] = value
+    return pafs.S3FileSystem(retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=S3_MAX_ATTEMPTS), **kwargs)

@@ -14,6 +14,7 @@ import time
 import uuid
 from pathlib import Path
 
+import pyarrow.fs as pafs
 import pytest
 import torch
 from torch import nn
@@ -128,8 +129,8 @@ def test_extra_files_and_metadata_round_trip(result, any_uri):
 
 
 # --- interrupted writes ------------------------------------------------------------------------
-class Killed(Exception):
-    """Stands for the process dying in the middle of a save."""
+class Killed(BaseException):
+    """Stands for the process dying in the middle of a save (a BaseException: nothing catches it)."""
 
 
 def _die_when_writing(monkeypatch, victim: str) -> list[str]:
@@ -173,6 +174,67 @@ def test_interrupted_overwrite_leaves_nothing_loadable(result, other_result, any
         raykfe.load(any_uri)
     raykfe.save(other_result, any_uri)  # a re-run completes the overwrite
     _assert_same(raykfe.load(any_uri), other_result)
+
+
+class _TornLocalFS(pafs.LocalFileSystem):
+    """A local filesystem on which the process 'dies' halfway through writing a matching file."""
+
+    def __init__(self, victim_suffix: str):
+        super().__init__()
+        self.victim_suffix = victim_suffix
+
+    def open_output_stream(self, path, *args, **kwargs):
+        stream = super().open_output_stream(path, *args, **kwargs)
+        filename = path.rpartition("/")[2]
+        if not filename.partition(".tmp-")[0].endswith(self.victim_suffix):  # also a temporary sibling
+            return stream
+
+        class Torn:
+            def __enter__(self):
+                return self
+
+            def __exit__(self, *exc):
+                stream.close()
+
+            def write(self, data):
+                stream.write(data[: len(data) // 2])
+                stream.flush()
+                raise Killed(path)
+
+        return Torn()
+
+
+def _torn(loc: Location, victim_suffix: str) -> Location:
+    return Location(_TornLocalFS(victim_suffix), loc.root, loc.uri)
+
+
+def test_local_writes_are_never_torn(tmp_path):
+    loc = open_uri(str(tmp_path / "out"))
+    store = StageStore(loc)
+    store.save_text("plan.json", '{"old": true}')
+    with pytest.raises(Killed):
+        StageStore(_torn(loc, "plan.json")).save_text("plan.json", '{"new": true, "longer": "text"}')
+    assert store.load_text("plan.json") == '{"old": true}'  # the old file, not half of the new one
+    # a stage whose marker write died is simply not done (a re-run redoes it)
+    with pytest.raises(Killed):
+        StageStore(_torn(loc, "stats.json")).save("stats", {"w": torch.ones(3)}, meta={"m": 1})
+    assert not store.has("stats")
+    assert store.load_checkpoint("stats") is None
+    leftovers = [p.name for p in (tmp_path / "out").rglob("*") if ".tmp-" in p.name]
+    assert leftovers == []
+
+
+def test_torn_local_manifest_is_not_a_result(result, tmp_path):
+    uri = str(tmp_path / "out")
+    raykfe.save(result, uri)
+    loc = open_uri(uri)
+    manifest = loc.read_bytes(MANIFEST)
+    # the last steps of save(): the old manifest is removed, the new one written last ... and torn
+    loc.delete(MANIFEST)
+    with pytest.raises(Killed):
+        _torn(loc, MANIFEST).write_bytes(MANIFEST, manifest)
+    with pytest.raises(raykfe.StorageError, match="no complete raykfe result"):
+        raykfe.load(uri)
 
 
 # --- damaged results ---------------------------------------------------------------------------
@@ -267,6 +329,16 @@ def test_unreachable_endpoint_fails_fast(result, s3_server):
         assert elapsed < 5, f"an unreachable endpoint took {elapsed:.1f} s to report"
 
 
+def test_stage_store_on_an_unreachable_endpoint(s3_server):
+    uri = f"s3://{s3_server.bucket}/x?endpoint_override=http://127.0.0.1:{free_port()}&scheme=http&region=us-east-1"
+    store = StageStore(open_uri(uri))
+    for action in (lambda: store.has("stats"), store.clear, lambda: store.load_checkpoint("finetune"),
+                   lambda: store.save_text("config.yaml", "a: 1\n")):
+        with pytest.raises(raykfe.StorageError) as excinfo:
+            action()
+        _one_line_storage_error(excinfo, uri)
+
+
 def test_secret_is_never_written(result, tmp_path, s3_server):
     secret = os.environ["AWS_SECRET_ACCESS_KEY"]  # set by the s3_server fixture
     assert len(secret) > 20
@@ -328,7 +400,7 @@ def test_stage_store_clear(any_uri, request):
     assert not store.has("base")
     assert store.load_checkpoint("finetune") is None
     assert store.load_text("config.yaml") is None
-    if "s3" in any_uri.split(":")[0]:
+    if any_uri.startswith("s3://"):
         server: S3Server = request.getfixturevalue("s3_server")
         prefix = any_uri.split("?")[0].removeprefix(f"s3://{server.bucket}/")
         left = [k for k in server.objects(prefix) if not k.endswith("/")]  # directory markers may stay
@@ -357,7 +429,28 @@ def test_escape_writes_nothing_outside(tmp_path):
     assert not (tmp_path / "x").exists()
 
 
+def test_file_uris(result, tmp_path):
+    target = tmp_path / "my results"  # as_uri() percent-encodes the space
+    uri = target.as_uri()
+    assert "%20" in uri
+    raykfe.save(result, uri)
+    assert (target / MANIFEST).is_file()
+    _assert_same(raykfe.load(str(target)), result)
+    _assert_same(raykfe.load("file://localhost" + str(target)), result)
+    # file://results/run1 names a host: it must not quietly become /run1
+    with pytest.raises(raykfe.StorageError, match="file:///absolute/path"):
+        open_uri("file://results/run1")
+
+
 @pytest.mark.parametrize("uri", ["", "   ", "ftp://host/x", "hdfs://nn/x"])
 def test_bad_uris(uri):
     with pytest.raises(raykfe.StorageError):
         open_uri(uri)
+
+
+def test_credentials_in_the_uri_are_refused_and_never_echoed():
+    from raykfe.storage import open_uri
+
+    with pytest.raises(raykfe.StorageError) as info:
+        open_uri("s3://AKIDEXAMPLE:sup3rs3cret@bucket/prefix")
+    assert "sup3rs3cret" not in str(info.value) and "environment" in str(info.value)
