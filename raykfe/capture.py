@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .counting import eval_forward_with_hooks
 from .errors import ConfigError
 from .factors import LayerStats
 from .layers import Adapter, make_adapter, positions, unsupported_reason
@@ -111,7 +112,6 @@ def trace_layers(model: nn.Module, example_input: torch.Tensor, names: Iterable[
     """
     wanted = set(names) if names is not None else None
     seen: dict[str, list] = {}
-    handles = []
 
     def hook_for(name):
         def hook(mod, inputs, output):
@@ -123,17 +123,12 @@ def trace_layers(model: nn.Module, example_input: torch.Tensor, names: Iterable[
                 seen[name] = [tuple(inputs[0].shape[1:]), tuple(output.shape[1:]), 1]
         return hook
 
-    for name, module in model.named_modules():
-        if name and (wanted is None or name in wanted) and not list(module.children()):
-            handles.append(module.register_forward_hook(hook_for(name)))
-    was_training = model.training
-    model.eval()
-    try:
-        model(example_input)
-    finally:
-        model.train(was_training)
-        for h in handles:
-            h.remove()
+    hooks = {
+        module: hook_for(name)
+        for name, module in model.named_modules()
+        if name and (wanted is None or name in wanted) and not list(module.children())
+    }
+    eval_forward_with_hooks(model, example_input, hooks)
     return {n: LayerGeometry(v[0], v[1], v[2]) for n, v in seen.items()}
 
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-__all__ = ["Counts", "count"]
+__all__ = ["Counts", "count", "eval_forward_with_hooks"]
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _TCONV = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
@@ -51,15 +51,9 @@ def _layer_macs(module: nn.Module, inp: torch.Tensor, out: torch.Tensor) -> int:
 
 
 @torch.no_grad()
-def count(model: nn.Module, example_input: torch.Tensor) -> Counts:
-    """``Counts(params, macs)`` of ``model`` for one forward on ``example_input`` (eval mode)."""
-    total = [0]
-
-    def hook(module, inputs, output):
-        if inputs and isinstance(inputs[0], torch.Tensor) and isinstance(output, torch.Tensor):
-            total[0] += _layer_macs(module, inputs[0], output)
-
-    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (*_CONV, *_TCONV, nn.Linear))]
+def eval_forward_with_hooks(model: nn.Module, example_input: torch.Tensor, hooks: dict) -> None:
+    """One eval-mode forward with ``{module: forward hook}`` attached; mode and hooks restored."""
+    handles = [m.register_forward_hook(h) for m, h in hooks.items()]
     was_training = model.training
     model.eval()
     try:
@@ -68,5 +62,17 @@ def count(model: nn.Module, example_input: torch.Tensor) -> Counts:
         model.train(was_training)
         for h in handles:
             h.remove()
+
+
+@torch.no_grad()
+def count(model: nn.Module, example_input: torch.Tensor) -> Counts:
+    """``Counts(params, macs)`` of ``model`` for one forward on ``example_input`` (eval mode)."""
+    total = [0]
+
+    def hook(module, inputs, output):
+        if inputs and isinstance(inputs[0], torch.Tensor) and isinstance(output, torch.Tensor):
+            total[0] += _layer_macs(module, inputs[0], output)
+
+    eval_forward_with_hooks(model, example_input, {m: hook for m in model.modules() if isinstance(m, (*_CONV, *_TCONV, nn.Linear))})
     params = sum(p.numel() for p in model.parameters())  # parameters() yields shared tensors once
     return Counts(int(params), int(total[0]))

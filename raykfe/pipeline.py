@@ -299,6 +299,7 @@ def run_job(cfg: JobConfig, backend: Backend | None = None, *, log=print) -> Job
         stats = stats_from_tensors(tensors, meta)
         reused.append("statistics")
     else:
+        log(f"raykfe: K-FAC statistics ({cfg.stats.fisher} Fisher, {cfg.stats.conv_mode} mode) of {len(adapters)} layers")
         stats = backend.collect(cfg, recipe, state_of(model), list(adapters))
         if not store.has("stats"):  # the Ray backend's chief worker has stored them already
             store.save("stats", *stats_to_tensors(stats))
@@ -315,6 +316,7 @@ def run_job(cfg: JobConfig, backend: Backend | None = None, *, log=print) -> Job
         }
         reused.append("eigen")
     else:
+        log(f"raykfe: eigendecomposition and scores of {len(adapters)} layers")
         scored = backend.score({n: stats[n] for n in adapters}, {n: a.weight_matrix() for n, a in adapters.items()})
         store.save("eigen", {f"{n}::{k}": getattr(s.basis, k) for n, s in scored.items() for k in ("QA", "lA", "QS", "lS")})
     timings["eigen"] = time.perf_counter() - t0
@@ -344,6 +346,8 @@ def run_job(cfg: JobConfig, backend: Backend | None = None, *, log=print) -> Job
     t0 = time.perf_counter()
     ft_recipe = ModelRecipe(recipe.spec, plan.to_dict())
     resumed["finetune"] = _checkpoint_epoch(store, "finetune")
+    log(f"raykfe: fine-tuning the pruned model for {cfg.finetune.epochs} epochs"
+        + (f" (resuming after epoch {resumed['finetune']})" if resumed["finetune"] else ""))
     state, ft_history = backend.train(cfg, ft_recipe, state_of(pruned), cfg.finetune, "finetune", store)
     pruned.load_state_dict(state)
     timings["finetune"] = time.perf_counter() - t0

@@ -11,9 +11,13 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))  # helper modules beside the tests (s3server)
 
+from s3server import s3_server  # noqa: E402,F401  (session fixture: a moto S3 server on loopback)
+
 
 @pytest.fixture(scope="session")
-def ray_cluster():
+def ray_cluster(s3_server):
+    """Started after the S3 server so that Train workers inherit its credentials from the
+    environment, as they would on a real cluster."""
     import ray
 
     if not ray.is_initialized():
@@ -22,6 +26,17 @@ def ray_cluster():
                  runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Threaded LAPACK eigh is pathologically slow (100x) when the 2 cores are shared; use one."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
 
 
 @pytest.fixture

@@ -162,22 +162,26 @@ def test_job_stopped_after_statistics_resumes_and_reuses_them(tmp_path, tiny_job
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_job_stopped_mid_finetuning_resumes_from_last_epoch(ray_cluster, tmp_path, tiny_job_overrides, monkeypatch):
+def test_job_on_s3_stopped_mid_finetuning_resumes_from_last_epoch(ray_cluster, s3_server, tmp_path, tiny_job_overrides, monkeypatch):
+    """The digits job on Ray with an s3:// output on the loopback server: stopped mid fine-tuning,
+    re-run, completed, and the result round-trips from object storage."""
     from raykfe.distributed.backend import FAULT_ENV, RayBackend
 
-    overrides = [*tiny_job_overrides, "finetune.epochs=2", "ray.max_failures=0"]
+    uri = s3_server.uri(f"jobs/{tmp_path.name}")
+    overrides = [*tiny_job_overrides, "finetune.epochs=2", "ray.max_failures=0", f"output.uri={uri}"]
     cfg = load_config("jobs/digits.yaml", overrides)
     monkeypatch.setenv(FAULT_ENV, f"finetune:0:1:{tmp_path / 'killed'}")  # chief dies before epoch 2
     with pytest.raises(RaykfeError, match="finetune stage failed"):
         run_job(cfg, RayBackend(cfg), log=lambda m: None)
     assert (tmp_path / "killed").exists()
-    assert not (tmp_path / "out" / "manifest.json").exists()
+    with pytest.raises(raykfe.StorageError, match="no complete raykfe result"):
+        raykfe.load(uri)
     monkeypatch.delenv(FAULT_ENV)
     job = run_job(cfg, RayBackend(cfg), log=lambda m: None)
     assert job.metrics["reused_stages"] == ["base", "statistics", "eigen", "plan"]
     assert job.metrics["resumed_from_epoch"] == {"finetune": 1}
     assert [r["epoch"] for r in job.metrics["history"]["finetune"]] == [1, 2]
-    loaded = raykfe.load(str(tmp_path / "out"))
+    loaded = raykfe.load(uri)
     loaded.model.eval()
     x = data_splits(cfg).test[0][0][None]
     with torch.no_grad():

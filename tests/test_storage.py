@@ -24,7 +24,7 @@ from raykfe.checkpoint import CHECKPOINT_FORMAT, MANIFEST, read_manifest
 from raykfe.models import build_model
 from raykfe.stages import StageStore
 from raykfe.storage import Location, open_uri
-from s3server import S3Server, free_port, s3_server  # noqa: F401  (session fixture)
+from s3server import S3Server, free_port  # the s3_server session fixture comes from conftest.py
 
 FILES = ("plan.json", "weights.safetensors", "report.json")
 

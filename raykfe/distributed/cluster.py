@@ -11,7 +11,7 @@ from ..errors import ConfigError
 __all__ = ["connect", "cluster_cpus"]
 
 
-def connect(address: str | None = None, num_cpus: int | None = None) -> str:
+def connect(address: str | None = None, num_cpus: int | None = None, *, log_to_driver: bool = True) -> str:
     """Connect once per process: ``address`` (``ray.address``), else ``RAY_ADDRESS`` (set by
     ``ray job submit``), else a new local cluster with ``num_cpus`` logical CPUs (default
     ``max(4, cores)``: on 2 cores a Tune trial plus its Train workers would otherwise deadlock)."""
@@ -20,10 +20,10 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> str:
     address = address or os.environ.get("RAY_ADDRESS")
     try:
         if address:
-            ray.init(address=address, log_to_driver=False)
+            ray.init(address=address, log_to_driver=log_to_driver)
             return address
         ray.init(address="local", num_cpus=num_cpus or max(4, os.cpu_count() or 1), include_dashboard=False,
-                 log_to_driver=False)
+                 log_to_driver=log_to_driver)
         return "local"
     except ConnectionError as exc:
         raise ConfigError(f"cannot reach the Ray cluster at {address!r} ({str(exc).splitlines()[0]}): check ray.address / RAY_ADDRESS or start it with 'ray start --head'") from None

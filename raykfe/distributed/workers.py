@@ -16,7 +16,11 @@ rank exits hard once, after ``after`` batches (stats) or epochs (training).
 
 from __future__ import annotations
 
+import json
 import os
+import resource
+import sys
+import time
 from pathlib import Path
 
 import ray
@@ -31,7 +35,7 @@ from ..stages import StageStore
 from ..storage import open_uri
 from .collective import allreduce_stats
 
-__all__ = ["stats_worker", "train_worker", "IndexedSubset", "ShardSampler"]
+__all__ = ["stats_worker", "train_worker", "IndexedSubset", "ShardSampler", "peak_rss_mb"]
 
 
 class IndexedSubset(Dataset):
@@ -65,6 +69,12 @@ class ShardSampler(Sampler):
         perm = torch.randperm(self.n, generator=gen)
         per = self.n // self.world
         return iter(perm[self.rank * per:(self.rank + 1) * per].tolist())
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process (MiB)."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / (1 << 20) if sys.platform == "darwin" else rss / 1024
 
 
 def _maybe_fail(fault: dict | None, stage: str, rank: int, step: int) -> None:
@@ -105,14 +115,35 @@ def stats_worker(config: dict) -> None:
             _maybe_fail(fault, "stats", rank, b)
             yield batch
 
+    t0 = time.perf_counter()
     stats = collect_factors(
         model, batches(), fisher=cfg.stats.fisher, conv_mode=cfg.stats.conv_mode, seed=cfg.seed,
-        layers=config["layers"], progress=cfg.progress and rank == 0,
+        layers=config["layers"], progress=False,
     )
+    seconds = time.perf_counter() - t0
+    examples = stats[config["layers"][0]].count
+    t0 = time.perf_counter()
     allreduce_stats(stats, bucket_bytes=cfg.ray.bucket_mb << 20, device=device if device.type == "cuda" else None)
+    store = StageStore(open_uri(cfg.output.uri))
+    store.save_text(f"stats.worker-{rank}.json", json.dumps({
+        "rank": rank, "world": world, "examples": examples, "pass_seconds": seconds,
+        "allreduce_seconds": time.perf_counter() - t0, "peak_rss_mb": peak_rss_mb(),
+    }))
     if rank == 0:
-        StageStore(open_uri(cfg.output.uri)).save("stats", *stats_to_tensors(stats))
+        store.save("stats", *stats_to_tensors(stats))
+        if cfg.progress:
+            print(f"[stats] {stats[config['layers'][0]].count} examples on {world} workers, "
+                  f"{len(stats)} layers, pass {seconds:.1f} s", flush=True)
     ray.train.report({"layers": len(stats), "examples": stats[config["layers"][0]].count})
+
+
+def _report_epoch(record: dict, stage: str, epochs: int, show: bool) -> None:
+    """Every worker reports (Ray Train needs equal calls); the chief also prints one line per epoch,
+    which reaches the driver's terminal (a tqdm bar does not survive Ray's log forwarding)."""
+    if show:
+        val = f" val_acc {record['val_acc']:.4f}" if record.get("val_acc") is not None else ""
+        print(f"[{stage}] epoch {record['epoch']}/{epochs} loss {record['loss']:.4f}{val} lr {record['lr']:.3g}", flush=True)
+    ray.train.report({k: v for k, v in record.items() if v is not None})
 
 
 def train_worker(config: dict) -> None:
@@ -135,7 +166,7 @@ def train_worker(config: dict) -> None:
     run_training(
         model, loader, tcfg, stage, StageStore(open_uri(cfg.output.uri)),
         val_loader=make_loader(splits.val, 256, shuffle=False) if rank == 0 else None,
-        device=device, progress=cfg.progress and rank == 0, chief=rank == 0, before_epoch=before_epoch,
-        on_epoch=lambda rec: ray.train.report({k: v for k, v in rec.items() if v is not None}),
+        device=device, progress=False, chief=rank == 0, before_epoch=before_epoch,
+        on_epoch=lambda rec: _report_epoch(rec, stage, tcfg.epochs, rank == 0 and cfg.progress),
         unwrap=lambda m: getattr(m, "module", m),
     )
