@@ -12,7 +12,7 @@ from typing import Mapping
 import ray
 import torch
 
-from ..eigen import eigh_cost, eigenbasis
+from ..eigen import Eigenbasis, eigh_cost, eigenbasis
 from ..factors import LayerStats
 from ..pruning import LayerScores, score_in_basis
 from .placement import assign_layers
@@ -33,10 +33,13 @@ class EigenActor:
         return os.getpid()
 
     def score(self, stats: Mapping[str, LayerStats], weights: Mapping[str, torch.Tensor]) -> dict[str, LayerScores]:
+        device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")  # num_gpus > 0
         out = {}
         for name, st in stats.items():  # largest first, as placed
             self.stats[name] = st
-            self.bases[name] = eigenbasis(name, st)
+            on_device = LayerStats(st.A_sum.to(device), st.S_sum.to(device), st.count, st.meta)
+            basis = eigenbasis(name, on_device)
+            self.bases[name] = Eigenbasis(*(t.cpu() for t in (basis.QA, basis.lA, basis.QS, basis.lS)))
             out[name] = score_in_basis(name, weights[name], self.bases[name])
         return out
 
