@@ -227,12 +227,16 @@ def test_ray_job_submit_of_digits_job(tmp_path):
         workdir = tmp_path / "wd"
         shutil.copytree(REPO / "raykfe", workdir / "raykfe", ignore=shutil.ignore_patterns("__pycache__"))
         shutil.copytree(REPO / "jobs", workdir / "jobs")
-        proc = subprocess.run(
-            [ray_cli, "job", "submit", "--address", address, "--working-dir", str(workdir), "--",
-             "python", "-m", "raykfe.cli", "prune", "-c", "jobs/digits.yaml", "model.name=resnet8", "data.image_size=16",
-             "base.epochs=1", "finetune.epochs=1", "stats.max_batches=2", "progress=false", f"output.uri={out}"],
-            env=env, capture_output=True, text=True, timeout=900,
-        )
+        submit = [
+            ray_cli, "job", "submit", "--address", address, "--working-dir", str(workdir), "--",
+            "python", "-m", "raykfe.cli", "prune", "-c", "jobs/digits.yaml", "model.name=resnet8", "data.image_size=16",
+            "base.epochs=1", "finetune.epochs=1", "stats.max_batches=2", "progress=false", f"output.uri={out}",
+        ]
+        for _ in range(30):  # the head's job agent comes up a little after its dashboard (bounded wait)
+            proc = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=900)
+            if "No available agent" not in proc.stdout + proc.stderr:
+                break
+            time.sleep(2)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         assert "succeeded" in proc.stdout + proc.stderr
     finally:
