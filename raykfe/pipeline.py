@@ -264,6 +264,8 @@ def run_job(cfg: JobConfig, backend: Backend | None = None, *, log=print) -> Job
     )
     if cfg.model.weights:
         _load_base_weights(model, cfg.model.weights)
+    if hasattr(backend, "prepare"):
+        backend.prepare()  # e.g. join the Ray cluster: an unreachable one fails before anything is written
     store = _open_stages(cfg)
     val_loader = make_loader(splits.val, 256, shuffle=False)
     test_loader = make_loader(splits.test, 256, shuffle=False)

@@ -59,6 +59,7 @@ BAD = [
     (["prune.targt=flops:0.5"], "did you mean 'prune.target'"),
     (["base.epochs=three"], "base.epochs"),
     (["model.name=vgg_tiny", "prune.exclude=[features.0,features.4,features.8,features.12]"], "no prunable layer"),
+    (["runtime=ray", "ray.address=127.0.0.1:1"], "cannot reach the Ray cluster"),
 ]
 
 

@@ -57,6 +57,10 @@ class RayBackend:
         self.rc = cfg.ray
         self._connected = False
 
+    def prepare(self) -> None:
+        """Join or start the cluster before the job writes anything."""
+        self._connect()
+
     def _connect(self) -> None:
         if not self._connected:
             connect(self.rc.address, self.rc.num_cpus)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 
 import ray
 
@@ -18,6 +19,8 @@ def connect(address: str | None = None, num_cpus: int | None = None, *, log_to_d
     if ray.is_initialized():
         return "connected"
     address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        _check_reachable(address)
     try:
         if address:
             ray.init(address=address, log_to_driver=log_to_driver)
@@ -29,6 +32,25 @@ def connect(address: str | None = None, num_cpus: int | None = None, *, log_to_d
         raise ConfigError(f"cannot reach the Ray cluster at {address!r} ({str(exc).splitlines()[0]}): check ray.address / RAY_ADDRESS or start it with 'ray start --head'") from None
     except (ValueError, RuntimeError) as exc:
         raise ConfigError(f"cannot start or join Ray ({str(exc).splitlines()[0]}): check ray.address / RAY_ADDRESS") from None
+
+
+def _check_reachable(address: str, timeout: float = 5.0) -> None:
+    """Fail in seconds, not minutes, when a ``host:port`` GCS address does not answer (ray.init
+    would retry for a long time)."""
+    if "://" in address and not address.startswith("ray://"):
+        return  # e.g. http:// dashboard addresses are for the Jobs CLI, not ray.init
+    hostport = address.split("://", 1)[-1]
+    if hostport in ("auto", "local") or ":" not in hostport:
+        return
+    host, _, port = hostport.rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout):
+            return
+    except (OSError, ValueError) as exc:
+        raise ConfigError(
+            f"cannot reach the Ray cluster at {address!r} ({exc}): check ray.address / RAY_ADDRESS, "
+            "or start it with 'ray start --head'"
+        ) from None
 
 
 def cluster_cpus() -> float:
