@@ -8,6 +8,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -207,9 +208,16 @@ def test_ray_job_submit_of_digits_job(tmp_path):
     gcs, dash = _free_port(), _free_port()
     env = {**os.environ, "PATH": f"{bindir}:{os.environ.get('PATH', '')}", "RAY_AUTH_MODE": "token"}
     env.pop("RAY_ADDRESS", None)
+    # its own temp dir (short: it holds unix sockets), so it shares no session files with the
+    # test session's cluster, which may be running at the same time
+    temp_dir = tempfile.mkdtemp(prefix="rkhead", dir="/tmp")
     head = subprocess.Popen(
         [ray_cli, "start", "--head", "--block", f"--port={gcs}", f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1",
-         "--node-ip-address=127.0.0.1", "--num-cpus=4", "--disable-usage-stats"],
+         "--node-ip-address=127.0.0.1", "--num-cpus=4", "--disable-usage-stats", f"--temp-dir={temp_dir}",
+         # every port of its own: the session cluster holds the defaults (the job agent's 52365 first)
+         f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
+         f"--metrics-export-port={_free_port()}", f"--runtime-env-agent-port={_free_port()}",
+         f"--ray-client-server-port={_free_port()}"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )
     out = tmp_path / "submitted"
@@ -232,11 +240,12 @@ def test_ray_job_submit_of_digits_job(tmp_path):
             "python", "-m", "raykfe.cli", "prune", "-c", "jobs/digits.yaml", "model.name=resnet8", "data.image_size=16",
             "base.epochs=1", "finetune.epochs=1", "stats.max_batches=2", "progress=false", f"output.uri={out}",
         ]
-        for _ in range(30):  # the head's job agent comes up a little after its dashboard (bounded wait)
+        deadline = time.time() + 120
+        while True:  # the head's job agent comes up a little after its dashboard (bounded wait)
             proc = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=900)
-            if "No available agent" not in proc.stdout + proc.stderr:
+            if "No available agent" not in proc.stdout + proc.stderr or time.time() > deadline:
                 break
-            time.sleep(2)
+            time.sleep(3)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         assert "succeeded" in proc.stdout + proc.stderr
     finally:
@@ -245,6 +254,7 @@ def test_ray_job_submit_of_digits_job(tmp_path):
             head.wait(timeout=60)
         except subprocess.TimeoutExpired:
             os.killpg(head.pid, 9)
+        shutil.rmtree(temp_dir, ignore_errors=True)
     result = raykfe.load(str(out))
     assert result.plan.target == "flops:0.7"
     x = torch.randn(2, 3, 16, 16)
