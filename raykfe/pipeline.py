@@ -230,7 +230,8 @@ def _open_stages(cfg: JobConfig) -> StageStore:
     stored_text = store.load_text("config.yaml")
     if stored_text is not None:
         stored = yaml.safe_load(stored_text)
-        if cfg.output.overwrite:
+        if cfg.output.overwrite:  # start over: the old result stops being visible now
+            store.loc.delete("manifest.json")
             store.clear()
         elif not isinstance(stored, dict) or _job_identity(stored) != _job_identity(mine):
             raise StorageError(
@@ -277,7 +278,7 @@ def run_job(cfg: JobConfig, backend: Backend | None = None, *, log=print) -> Job
     t0 = time.perf_counter()
     base_history: list[dict] = []
     if cfg.model.weights:
-        pass
+        pass  # loaded above
     elif store.has("base"):
         state, meta = store.load("base")
         model.load_state_dict(state)
