@@ -248,30 +248,24 @@ def select(
         kfe = kfe_cost(metas[name], r_in, r_out)
         return ("kfe", kfe) if kfe[metric] < dense[name][metric] else ("dense", dense[name])
 
-    def totals(k: int) -> np.ndarray:
+    def outcome(k: int) -> tuple[np.ndarray, int]:
+        """(params, MACs) of the whole model and the directions really removed when the k lowest
+        eligible units go (a layer left dense keeps all of its own directions)."""
         c = removed_counts(k)
-        tot = other.copy()
+        tot, gone = other.copy(), 0
         for li, name in enumerate(names):
             m = metas[name]
-            _, cost = layer_choice(name, m["d_in"] - c[li, 1], m["d_out"] - c[li, 0])
+            action, cost = layer_choice(name, m["d_in"] - c[li, 1], m["d_out"] - c[li, 0])
             tot += np.array(cost, dtype=np.int64)
-        return tot
-
-    def directions_removed(k: int) -> int:
-        """Removed directions that really go: a layer left dense keeps all of its own."""
-        c = removed_counts(k)
-        gone = 0
-        for li, name in enumerate(names):
-            m = metas[name]
-            if layer_choice(name, m["d_in"] - c[li, 1], m["d_out"] - c[li, 0])[0] == "kfe":
-                gone += int(c[li].sum())
-        return gone
+            gone += int(c[li].sum()) if action == "kfe" else 0
+        return tot, gone
 
     def reduction(k: int) -> float:
         """Monotone non-decreasing in k: more removed units never make a layer larger."""
+        tot, gone = outcome(k)
         if tgt.kind == "directions":
-            return directions_removed(k) / total_units if total_units else 0.0
-        return 1.0 - totals(k)[metric] / base[metric]
+            return gone / total_units if total_units else 0.0
+        return 1.0 - tot[metric] / base[metric]
 
     best = reduction(n_eligible)
     if best < tgt.fraction - 1e-12:
@@ -324,12 +318,12 @@ def select(
             params=int(cost[0]), macs=int(cost[1]), dense_params=int(dense[name][0]),
             dense_macs=int(dense[name][1]), predicted_dloss=dl, reason=reason,
         )
-    tot = totals(k)
+    tot, gone = outcome(k)
     summary = {
         "target": str(tgt),
         "achieved": float(achieved),
         "within_tolerance": bool(abs(achieved - tgt.fraction) <= tolerance),
-        "units_removed": int(directions_removed(k)),
+        "units_removed": int(gone),
         "units_total": int(total_units),
         "params": int(tot[0]),
         "macs": int(tot[1]),
