@@ -28,10 +28,43 @@ from .plan import Plan
 from .storage import open_uri
 from .surgery import apply_plan
 
-__all__ = ["save", "load", "CHECKPOINT_FORMAT", "MANIFEST"]
+__all__ = ["save", "load", "CHECKPOINT_FORMAT", "MANIFEST", "plan_from_dict", "plan_from_json", "rebuild"]
 
 CHECKPOINT_FORMAT = 1
 MANIFEST = "manifest.json"
+
+
+def plan_from_dict(d: dict):
+    """A KFE :class:`raykfe.plan.Plan` or a :class:`raykfe.channels.ChannelPlan`, by ``kind``."""
+    if d.get("kind") == "channels":
+        from .channels import ChannelPlan
+
+        return ChannelPlan.from_dict(d)
+    return Plan.from_dict(d)
+
+
+def plan_from_json(text: str):
+    try:
+        d = json.loads(text)
+    except ValueError:
+        raise StorageError("plan.json is not valid JSON: re-run the job that wrote it") from None
+    if not isinstance(d, dict):
+        raise StorageError("plan.json does not hold a plan: re-run the job that wrote it")
+    return plan_from_dict(d)
+
+
+def rebuild(model: nn.Module, plan) -> nn.Module:
+    """A NEW model: ``model`` (the original architecture) with ``plan``'s structure, weights unset."""
+    if getattr(plan, "kind", "kfe") == "channels":
+        import torch
+
+        from .channels import apply_channels
+
+        shape = plan.options.get("input_shape")
+        if not shape:
+            raise StorageError("the channel plan has no input_shape: re-run the job that wrote it")
+        return apply_channels(model, torch.zeros(1, *shape), plan.removed)
+    return apply_plan(model, plan)
 
 
 def _sha256(data: bytes) -> str:
@@ -117,7 +150,7 @@ def load(uri: str, model: nn.Module | None = None):
     from .pruning import PruneResult
 
     manifest = read_manifest(uri)
-    plan = Plan.from_json(read_file(uri, "plan.json", manifest).decode())
+    plan = plan_from_json(read_file(uri, "plan.json", manifest).decode())
     try:
         state = st_load(read_file(uri, "weights.safetensors", manifest))
     except SafetensorError as exc:
@@ -135,7 +168,7 @@ def load(uri: str, model: nn.Module | None = None):
             f"the result at {uri!r} was made from a model raykfe did not build (no model spec): "
             "pass load(uri, model=<an instance of the original architecture>)"
         )
-    pruned = apply_plan(base, plan)
+    pruned = rebuild(base, plan)
     missing, unexpected = pruned.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise StorageError(

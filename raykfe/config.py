@@ -9,8 +9,10 @@ A job file has the sections below (every key optional, defaults shown by ``raykf
     data:     {name, root, image_size, val_fraction, test_fraction, augment, synthetic_size, num_classes}
     base:     {epochs, lr, momentum, weight_decay, milestones, batch_size}   # trains a base model
     stats:    {fisher, conv_mode, batch_size, max_batches, max_factor_dim}
-    prune:    {method, target, max_layer_ratio, include_classifier, exclude, tolerance, freeze_rotations}
-    finetune: {epochs, lr, momentum, weight_decay, milestones, batch_size}
+    prune:    {method, target, max_layer_ratio, include_classifier, exclude, tolerance, freeze_rotations,
+               rounds, round_epochs, damping}
+    sparsity: {epochs, lr, ..., bn_l1}  # network slimming's sparsity training (prune.method=slimming)
+    finetune: {epochs, lr, momentum, weight_decay, milestones, batch_size, bn_l1}
     output:   {uri, overwrite}
     runtime:  ray | local
     ray:      {address, num_cpus, workers, use_gpu, cpus_per_worker, actor_cpus, actor_gpus, max_actors,
@@ -94,8 +96,10 @@ class TrainConfig:
     milestones: tuple[float, ...] = (0.5, 0.75)
     gamma: float = 0.1
     batch_size: int = 64
+    bn_l1: float = 0.0  # L1 penalty on BatchNorm scales (network slimming's sparsity training)
 
     def validate(self, p: str) -> None:
+        _check(self.bn_l1 >= 0, f"{p}.bn_l1", self.bn_l1, "use 0 (off) or a small penalty, e.g. 1e-4")
         _check(self.epochs >= 0, f"{p}.epochs", self.epochs, "use 0 or more epochs")
         _check(self.lr > 0, f"{p}.lr", self.lr, "use a positive learning rate")
         _check(0 <= self.momentum < 1, f"{p}.momentum", self.momentum, "use a momentum in [0, 1)")
@@ -110,6 +114,7 @@ class TrainConfig:
         return TrainSettings(
             epochs=self.epochs, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay,
             milestones=tuple(self.milestones), gamma=self.gamma, batch_size=self.batch_size,
+            bn_l1=self.bn_l1,
         )
 
 
@@ -133,11 +138,14 @@ class StatsConfig:
 class PruneConfig:
     method: str = "eigendamage"
     target: str = "flops:0.5"
-    max_layer_ratio: float = 0.95
+    max_layer_ratio: float | None = None  # default 0.95 in one pass, 0.5 per round when iterative
     include_classifier: bool = False
     exclude: tuple[str, ...] = ()
     tolerance: float = 0.02
     freeze_rotations: bool = False
+    rounds: int | None = None  # prune/fine-tune rounds (eigendamage-iterative: default 3; others 1)
+    round_epochs: int | None = None  # fine-tuning epochs between rounds (default: finetune.epochs)
+    damping: float = 1e-3  # Tikhonov damping of the K-FAC inverses (c-obs, kron-obs), relative to the mean diagonal
 
     def validate(self, p: str) -> None:
         from .methods import METHODS
@@ -147,8 +155,28 @@ class PruneConfig:
             parse_target(self.target)
         except ConfigError as exc:
             raise ConfigError(f"{p}.target: {exc}") from None
-        _check(0 < self.max_layer_ratio <= 1, f"{p}.max_layer_ratio", self.max_layer_ratio, "use a fraction in (0, 1]")
+        _check(self.max_layer_ratio is None or 0 < self.max_layer_ratio <= 1, f"{p}.max_layer_ratio",
+               self.max_layer_ratio, "use a fraction in (0, 1] or null for the default")
         _check(0 < self.tolerance < 1, f"{p}.tolerance", self.tolerance, "use a fraction, e.g. 0.02")
+        _check(self.rounds is None or self.rounds >= 1, f"{p}.rounds", self.rounds, "use 1 or more rounds, or null")
+        _check(self.rounds in (None, 1) or METHODS[self.method].space == "kfe", f"{p}.rounds", self.rounds,
+               "rounds apply to eigendamage only: use prune.method=eigendamage-iterative or rounds=1")
+        _check(self.round_epochs is None or self.round_epochs >= 0, f"{p}.round_epochs", self.round_epochs,
+               "use 0 or more epochs, or null for finetune.epochs")
+        _check(self.damping > 0, f"{p}.damping", self.damping, "use a small positive damping, e.g. 1e-3")
+
+    @property
+    def n_rounds(self) -> int:
+        from .methods import METHODS
+
+        return self.rounds if self.rounds is not None else METHODS[self.method].rounds
+
+    @property
+    def layer_ratio(self) -> float:
+        """The per-layer (per-round) cap: 0.95 in one pass, 0.5 per round, unless set."""
+        if self.max_layer_ratio is not None:
+            return self.max_layer_ratio
+        return 0.95 if self.n_rounds == 1 else 0.5
 
 
 @dataclass(frozen=True)
@@ -198,6 +226,8 @@ class JobConfig:
     base: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=30, lr=0.05))
     stats: StatsConfig = field(default_factory=StatsConfig)
     prune: PruneConfig = field(default_factory=PruneConfig)
+    # network slimming's sparsity training of the base model (used by prune.method=slimming only)
+    sparsity: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=10, lr=0.01, bn_l1=1e-4))
     finetune: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=15, lr=0.01))
     output: OutputConfig = field(default_factory=OutputConfig)
     ray: RayConfig = field(default_factory=RayConfig)

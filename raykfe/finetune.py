@@ -44,6 +44,7 @@ class TrainSettings:
     milestones: tuple[float, ...] = (0.5, 0.75)
     gamma: float = 0.1
     batch_size: int = 64
+    bn_l1: float = 0.0  # network slimming: L1 penalty on every BatchNorm scale (sparsity training)
 
     def __post_init__(self) -> None:
         def bad(key: str, value: Any, want: str) -> ConfigError:
@@ -60,6 +61,8 @@ class TrainSettings:
             raise bad("momentum", self.momentum, "a number in [0, 1)")
         if not number(self.weight_decay) or self.weight_decay < 0:
             raise bad("weight_decay", self.weight_decay, "a non-negative number")
+        if not number(self.bn_l1) or self.bn_l1 < 0:
+            raise bad("bn_l1", self.bn_l1, "a non-negative number")
         if not number(self.gamma) or self.gamma <= 0:
             raise bad("gamma", self.gamma, "a positive number")
         if (
@@ -126,6 +129,10 @@ def train(
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ConfigError("the model has no trainable parameters: unfreeze some before training")
+    bn_scales = [
+        m.weight for m in model.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.weight is not None and m.weight.requires_grad
+    ] if settings.bn_l1 > 0 else []
     optimizer = torch.optim.SGD(
         params, lr=settings.lr, momentum=settings.momentum, weight_decay=settings.weight_decay
     )
@@ -161,6 +168,9 @@ def train(
                 )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            for g in bn_scales:  # subgradient of bn_l1 * |gamma| (Liu et al. 2017, network slimming)
+                if g.grad is not None:
+                    g.grad.add_(torch.sign(g.detach()), alpha=settings.bn_l1)
             optimizer.step()
             n = int(y.numel())
             loss_sum += float(loss.detach()) * n

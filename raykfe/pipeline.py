@@ -12,6 +12,7 @@ The in-process backend is the reference: the Ray backend must give the same stat
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import time
@@ -24,7 +25,7 @@ import yaml
 from torch import nn
 
 from .capture import collect_factors
-from .checkpoint import read_file, read_manifest, save
+from .checkpoint import plan_from_dict, plan_from_json, read_file, read_manifest, rebuild, save
 from .config import JobConfig, TrainConfig, config_to_dict
 from .counting import count
 from .data import DataSplits, load_data, make_loader
@@ -34,8 +35,9 @@ from .factors import LayerStats, stats_from_tensors, stats_to_tensors
 from .finetune import evaluate, train
 from .models import build_model
 from .plan import Plan
-from .pruning import LayerScores, PruneResult, layer_report, plan_from_scores, prunable_layers, score_in_basis
-from .report import format_table, human
+from .methods import MethodInfo, method_info
+from .pruning import LayerScores, PruneResult, plan_from_scores, plan_report, prunable_layers, score_in_basis
+from .report import format_table, human, plot_layers
 from .stages import StageStore, optimizer_from_tensors, optimizer_to_tensors
 from .storage import open_uri
 from .surgery import apply_plan
@@ -65,7 +67,7 @@ class ModelRecipe:
     def build(self) -> nn.Module:
         model = build_model(**self.spec)
         if self.plan is not None:
-            model = apply_plan(model, Plan.from_dict(self.plan))
+            model = rebuild(model, plan_from_dict(self.plan))
         return model
 
 
@@ -130,7 +132,11 @@ def run_training(
 class Backend(Protocol):
     def train(self, cfg: JobConfig, recipe: ModelRecipe, state: dict, tcfg: TrainConfig, stage: str, store: StageStore) -> tuple[dict, list[dict]]: ...
 
-    def collect(self, cfg: JobConfig, recipe: ModelRecipe, state: dict, layers: list[str]) -> dict[str, LayerStats]: ...
+    def collect(self, cfg: JobConfig, recipe: ModelRecipe, state: dict, layers: list[str], *, stage: str = "stats", conv_mode: str | None = None) -> dict[str, LayerStats]: ...
+
+    def measure(self, cfg: JobConfig, recipe: ModelRecipe, state: dict, kind: str, spec: dict, *, stage: str) -> dict[str, torch.Tensor]:
+        """The sums of :func:`raykfe.measure.measure` over the training data."""
+        ...
 
     def score(self, stats: dict[str, LayerStats], weights: dict[str, torch.Tensor]) -> dict[str, LayerScores]:
         """Eigendecompose every layer's factors and score its directions in that basis."""
@@ -153,15 +159,24 @@ class LocalBackend:
         )
         return state_of(model), history
 
-    def collect(self, cfg, recipe, state, layers):
-        splits = data_splits(cfg)
+    def _model(self, cfg, recipe, state):
         model = recipe.build()
         model.load_state_dict(state)
-        model.to(_device(cfg))
+        return model.to(_device(cfg))
+
+    def collect(self, cfg, recipe, state, layers, *, stage="stats", conv_mode=None):
         return collect_factors(
-            model, make_loader(splits.train, cfg.stats.batch_size, shuffle=False), fisher=cfg.stats.fisher,
-            conv_mode=cfg.stats.conv_mode, seed=cfg.seed, layers=layers, max_batches=cfg.stats.max_batches,
-            progress=cfg.progress,
+            self._model(cfg, recipe, state), make_loader(data_splits(cfg).train, cfg.stats.batch_size, shuffle=False),
+            fisher=cfg.stats.fisher, conv_mode=conv_mode or cfg.stats.conv_mode, seed=cfg.seed, layers=layers,
+            max_batches=cfg.stats.max_batches, progress=cfg.progress,
+        )
+
+    def measure(self, cfg, recipe, state, kind, spec, *, stage):
+        from .measure import measure
+
+        return measure(
+            kind, self._model(cfg, recipe, state), make_loader(data_splits(cfg).train, cfg.stats.batch_size, shuffle=False),
+            spec, fisher=cfg.stats.fisher, seed=cfg.seed, max_batches=cfg.stats.max_batches, progress=cfg.progress,
         )
 
     def score(self, stats, weights):
@@ -242,6 +257,194 @@ def _open_stages(cfg: JobConfig) -> StageStore:
     return store
 
 
+@dataclass
+class _Stages:
+    """What the pruning stages of one job share: config, backend, stage store, bookkeeping."""
+
+    cfg: JobConfig
+    backend: "Backend"
+    store: StageStore
+    log: Callable
+    reused: list
+    resumed: dict
+    timings: dict
+    example: torch.Tensor
+
+    def tick(self, key: str, t0: float) -> None:
+        self.timings[key] = self.timings.get(key, 0.0) + time.perf_counter() - t0
+
+
+def _collect(job: _Stages, recipe: "ModelRecipe", state: dict, layers: list[str], stage: str, conv_mode: str) -> dict[str, LayerStats]:
+    """K-FAC statistics of ``layers``, reused from the stage store when an earlier run finished them."""
+    if job.store.has(stage):
+        job.reused.append(stage.replace("stats", "statistics", 1))
+        return stats_from_tensors(*job.store.load(stage))
+    job.log(f"raykfe: K-FAC statistics ({job.cfg.stats.fisher} Fisher, {conv_mode} mode) of {len(layers)} layers")
+    stats = job.backend.collect(job.cfg, recipe, state, layers, stage=stage, conv_mode=conv_mode)
+    if not job.store.has(stage):  # the Ray backend's chief worker has stored them already
+        job.store.save(stage, *stats_to_tensors(stats))
+    return stats
+
+
+class _StageSource:
+    """The statistics of a channel method from the job's stage store, else from its backend."""
+
+    def __init__(self, job: _Stages, recipe: "ModelRecipe", state: dict) -> None:
+        self.job, self.recipe, self.state = job, recipe, state
+
+    def kfac(self, layers, conv_mode):
+        return _collect(self.job, self.recipe, self.state, layers, "stats", conv_mode)
+
+    def measure(self, kind, spec):
+        job = self.job
+        if job.store.has("stats"):
+            job.reused.append("statistics")
+            return job.store.load("stats")[0]
+        job.log(f"raykfe: {kind} statistics")
+        tensors = job.backend.measure(job.cfg, self.recipe, self.state, kind, spec, stage="stats")
+        if not job.store.has("stats"):
+            job.store.save("stats", {k: v.contiguous() for k, v in tensors.items()}, {"kind": kind})
+        return tensors
+
+
+def _prune_kfe(job: _Stages, model: nn.Module, recipe: "ModelRecipe", adapters: dict, skipped: dict):
+    """EigenDamage, in one pass or in rounds (:mod:`raykfe.iterative`): -> (pruned, plan, stats)."""
+    from .capture import find_layers
+    from .iterative import compose_plan, layer_metas, merge_round, round_layer_names, round_metas, round_target
+    from .plan import parse_target
+
+    cfg, p, store = job.cfg, job.cfg.prune, job.store
+    rounds, mode = p.n_rounds, cfg.stats.conv_mode
+    options = {
+        "fisher": cfg.stats.fisher, "conv_mode": mode, "include_classifier": p.include_classifier,
+        "exclude": list(p.exclude), "freeze_rotations": p.freeze_rotations, "seed": cfg.seed,
+        "max_factor_dim": cfg.stats.max_factor_dim, "rounds_planned": rounds,
+    }
+    metas = layer_metas(model, job.example, adapters)
+    tgt = parse_target(p.target)
+    metric = "macs" if tgt.kind == "flops" else "params"
+    base_cost = getattr(count(model, job.example), metric)
+    current, composite, stats = model, None, None
+    for r in range(1, rounds + 1):
+        sfx = "" if r == 1 else f"-round{r}"
+        if r < rounds and store.has(f"round{r}"):  # pruned and fine-tuned by an earlier run
+            tensors, meta = store.load(f"round{r}")
+            composite = Plan.from_dict(meta["plan"])
+            current = apply_plan(model, composite)
+            current.load_state_dict(tensors)
+            job.reused.append(f"round{r}")
+            continue
+        names = round_layer_names(current, adapters)
+        rec = ModelRecipe(recipe.spec, composite.to_dict() if composite is not None else None)
+        t0 = time.perf_counter()
+        stats = _collect(job, rec, state_of(current), list(names.values()), "stats" + sfx, mode)
+        job.tick("statistics", t0)
+
+        t0 = time.perf_counter()
+        found, _ = find_layers(current, mode, None)
+        round_adapters = {n: found[t] for n, t in names.items()}
+        eigen_stage = "eigen" + sfx
+        if store.has(eigen_stage):
+            tensors, _ = store.load(eigen_stage)
+            scored = {
+                n: score_in_basis(t, round_adapters[n].weight_matrix(), Eigenbasis(*(tensors[f"{t}::{k}"] for k in ("QA", "lA", "QS", "lS"))))
+                for n, t in names.items()
+            }
+            job.reused.append("eigen" + sfx)
+        else:
+            job.log(f"raykfe: eigendecomposition and scores of {len(names)} layers" + (f" (round {r}/{rounds})" if rounds > 1 else ""))
+            by_target = job.backend.score({t: stats[t] for t in names.values()}, {t: round_adapters[n].weight_matrix() for n, t in names.items()})
+            scored = {n: by_target[t] for n, t in names.items()}
+            store.save(eigen_stage, {f"{names[n]}::{k}": getattr(s.basis, k) for n, s in scored.items() for k in ("QA", "lA", "QS", "lS")})
+        job.tick("eigen", t0)
+
+        t0 = time.perf_counter()
+        if rounds == 1:
+            target = tgt
+        else:
+            target = round_target(tgt, base_cost, getattr(count(current, job.example), metric), r, rounds)
+        plan_name = f"plan{sfx}.json"
+        plan_text = store.load_text(plan_name)
+        if plan_text is not None:
+            round_plan = Plan.from_json(plan_text)
+            job.reused.append("plan" + sfx)
+        else:
+            rmetas = round_metas(current, metas, {t: stats[t].meta for t in names.values()}, names)
+            round_plan = plan_from_scores(
+                current, job.example, scored, rmetas, target, skipped, method=p.method, max_layer_ratio=p.layer_ratio,
+                tolerance=p.tolerance, options=options,
+            )
+            store.save_text(plan_name, round_plan.to_json())
+        weights = {n: (s.basis.QA, s.basis.QS, s.w_kfe) for n, s in scored.items()}
+        job.tick("plan", t0)
+        if rounds == 1:
+            return apply_plan(model, round_plan, weights), round_plan, stats
+
+        new = merge_round(current, round_plan, weights, mode, p.freeze_rotations)
+        composite = compose_plan(composite, round_plan, metas, r)
+        measured = count(new, job.example)
+        if (measured.params, measured.macs) != (composite.params, composite.macs):
+            raise RuntimeError(f"round {r}: merged model has {measured}, the plan predicted {composite.params}/{composite.macs}")
+        if r < rounds:
+            t0 = time.perf_counter()
+            tcfg = dataclasses.replace(cfg.finetune, epochs=p.round_epochs if p.round_epochs is not None else cfg.finetune.epochs)
+            stage = f"finetune-round{r}"
+            job.resumed[stage] = _checkpoint_epoch(store, stage)
+            job.log(f"raykfe: round {r}/{rounds}: {100 * (1 - getattr(measured, metric) / base_cost):.1f}% of the "
+                    f"{metric} removed; fine-tuning {tcfg.epochs} epochs before the next round")
+            state, history = job.backend.train(cfg, ModelRecipe(recipe.spec, composite.to_dict()), state_of(new), tcfg, stage, store)
+            new.load_state_dict(state)
+            store.save(f"round{r}", state_of(new), {"plan": composite.to_dict(), "history": history})
+            job.tick("rounds finetune", t0)
+        current = new
+    summary = dict(composite.options.get("summary", {}))
+    summary.update(target=str(tgt), achieved=1.0 - getattr(count(current, job.example), metric) / base_cost)
+    composite = dataclasses.replace(composite, target=str(tgt), options={**composite.options, "summary": summary})
+    return current, composite, stats
+
+
+def _prune_channels(job: _Stages, model: nn.Module, recipe: "ModelRecipe", info: MethodInfo):
+    """A parameter-coordinate method: score channels, select, compensate, remove -> (pruned, plan)."""
+    from .channels import ChannelGraph, ChannelPlan, apply_channels, channel_layer_fractions
+    from .channel_methods import channel_scores, compensate
+
+    cfg, p, store = job.cfg, job.cfg.prune, job.store
+    graph = ChannelGraph(model, job.example, exclude=p.exclude, include_classifier=p.include_classifier)
+    t0 = time.perf_counter()
+    scores, kfac = channel_scores(
+        info, model, graph, _StageSource(job, ModelRecipe(recipe.spec), state_of(model)), damping=p.damping,
+        max_factor_dim=cfg.stats.max_factor_dim,
+    )
+    job.tick("statistics", t0)
+
+    t0 = time.perf_counter()
+    plan_text = store.load_text("plan.json")
+    if plan_text is not None:
+        plan = ChannelPlan.from_json(plan_text)
+        job.reused.append("plan")
+    else:
+        removed, summary = graph.select(scores, p.target, max_layer_ratio=p.layer_ratio, tolerance=p.tolerance)
+        plan = ChannelPlan(
+            method=p.method, target=p.target, removed=removed, skipped=dict(graph.skipped),
+            base_params=summary["base_params"], base_macs=summary["base_macs"], params=summary["params"], macs=summary["macs"],
+            options={
+                "fisher": cfg.stats.fisher, "include_classifier": p.include_classifier, "exclude": list(p.exclude),
+                "seed": cfg.seed, "max_layer_ratio": p.layer_ratio, "tolerance": p.tolerance, "damping": p.damping,
+                "input_shape": list(job.example.shape[1:]), "summary": summary,
+                "layers": {k: list(v) for k, v in channel_layer_fractions(graph, removed).items()},
+                "statistics": info.statistics,
+            },
+        )
+        store.save_text("plan.json", plan.to_json())
+    source = compensate(info, model, graph, plan.removed, kfac, p.damping) if info.compensates else model
+    pruned = apply_channels(source, job.example, plan.removed)
+    measured = count(pruned, job.example)
+    if (measured.params, measured.macs) != (plan.params, plan.macs):
+        raise RuntimeError(f"channel surgery gave {measured}, the plan predicted params={plan.params} macs={plan.macs}")
+    job.tick("plan", t0)
+    return pruned, plan
+
+
 def run_job(cfg: JobConfig, backend: Backend | None = None, *, log=print) -> JobResult:
     """Run ``cfg`` end to end on ``backend`` (default: in-process); returns the metrics."""
     backend = backend or LocalBackend()
@@ -295,59 +498,35 @@ def run_job(cfg: JobConfig, backend: Backend | None = None, *, log=print) -> Job
     base_test = evaluate(model, test_loader, device=device)
     base_val = evaluate(model, val_loader, device=device)
 
-    # --- statistics -----------------------------------------------------------------------
-    t0 = time.perf_counter()
-    if store.has("stats"):
-        tensors, meta = store.load("stats")
-        stats = stats_from_tensors(tensors, meta)
-        reused.append("statistics")
-    else:
-        log(f"raykfe: K-FAC statistics ({cfg.stats.fisher} Fisher, {cfg.stats.conv_mode} mode) of {len(adapters)} layers")
-        stats = backend.collect(cfg, recipe, state_of(model), list(adapters))
-        if not store.has("stats"):  # the Ray backend's chief worker has stored them already
-            store.save("stats", *stats_to_tensors(stats))
-    timings["statistics"] = time.perf_counter() - t0
+    info = method_info(p.method)
+    if info.statistics == "bn-sparsity":  # network slimming: L1 sparsity training of the BN scales first
+        t0 = time.perf_counter()
+        if store.has("sparsity"):
+            model.load_state_dict(store.load("sparsity")[0])
+            reused.append("sparsity")
+        else:
+            log(f"raykfe: sparsity training (L1 {cfg.sparsity.bn_l1:g} on BatchNorm scales) for {cfg.sparsity.epochs} epochs")
+            resumed["sparsity"] = _checkpoint_epoch(store, "sparsity")
+            model.cpu()
+            state, _ = backend.train(cfg, recipe, state_of(model), cfg.sparsity, "sparsity", store)
+            model.load_state_dict(state)
+            store.save("sparsity", state_of(model), {})
+        timings["sparsity"] = time.perf_counter() - t0
 
-    # --- eigenbases -------------------------------------------------------------------------
-    t0 = time.perf_counter()
+    job = _Stages(cfg, backend, store, log, reused, resumed, timings, example)
     model.cpu()
-    if store.has("eigen"):
-        tensors, _ = store.load("eigen")
-        scored = {
-            n: score_in_basis(n, a.weight_matrix(), Eigenbasis(*(tensors[f"{n}::{k}"] for k in ("QA", "lA", "QS", "lS"))))
-            for n, a in adapters.items()
-        }
-        reused.append("eigen")
+    if info.space == "kfe":
+        pruned, plan, stats = _prune_kfe(job, model, recipe, adapters, skipped)
     else:
-        log(f"raykfe: eigendecomposition and scores of {len(adapters)} layers")
-        scored = backend.score({n: stats[n] for n in adapters}, {n: a.weight_matrix() for n, a in adapters.items()})
-        store.save("eigen", {f"{n}::{k}": getattr(s.basis, k) for n, s in scored.items() for k in ("QA", "lA", "QS", "lS")})
-    timings["eigen"] = time.perf_counter() - t0
-
-    # --- plan -------------------------------------------------------------------------------
-    t0 = time.perf_counter()
-    plan_text = store.load_text("plan.json")
-    if plan_text is not None:
-        plan = Plan.from_json(plan_text)
-        reused.append("plan")
-    else:
-        plan = plan_from_scores(
-            model, example, scored, {n: stats[n].meta for n in adapters}, p.target, skipped, method=p.method,
-            max_layer_ratio=p.max_layer_ratio, tolerance=p.tolerance,
-            options={
-                "fisher": cfg.stats.fisher, "conv_mode": cfg.stats.conv_mode, "include_classifier": p.include_classifier,
-                "exclude": list(p.exclude), "freeze_rotations": p.freeze_rotations, "seed": cfg.seed,
-                "max_factor_dim": cfg.stats.max_factor_dim,
-            },
-        )
-        store.save_text("plan.json", plan.to_json())
-    pruned = apply_plan(model, plan, {n: (s.basis.QA, s.basis.QS, s.w_kfe) for n, s in scored.items()})
-    timings["plan"] = time.perf_counter() - t0
+        pruned, plan = _prune_channels(job, model, recipe, info)
+        stats = None
+    pruned.to(device)
     pruned_before = evaluate(pruned, test_loader, device=device)
 
     # --- fine-tuning ------------------------------------------------------------------------
     t0 = time.perf_counter()
     ft_recipe = ModelRecipe(recipe.spec, plan.to_dict())
+    pruned.cpu()
     resumed["finetune"] = _checkpoint_epoch(store, "finetune")
     log(f"raykfe: fine-tuning the pruned model for {cfg.finetune.epochs} epochs"
         + (f" (resuming after epoch {resumed['finetune']})" if resumed["finetune"] else ""))
@@ -381,7 +560,7 @@ def run_job(cfg: JobConfig, backend: Backend | None = None, *, log=print) -> Job
         "resumed_from_epoch": {k: v for k, v in resumed.items() if v},
         "timings": timings,
     }
-    result = PruneResult(pruned, plan, layer_report(plan), stats, timings)
+    result = PruneResult(pruned, plan, plan_report(plan), stats, timings)
     from safetensors.torch import save as st_save
 
     t0 = time.perf_counter()
@@ -390,6 +569,7 @@ def run_job(cfg: JobConfig, backend: Backend | None = None, *, log=print) -> Job
         "metrics.json": json.dumps(metrics, indent=1).encode(),
         "report.md": (job_table(metrics, markdown=True) + "\n\n" + result.table() + "\n").encode(),
         "base.safetensors": st_save({k: v.contiguous() for k, v in state_of(model).items()}),
+        "layers.png": plot_layers(result.report, f"{p.method} {p.target}: removed per layer"),
     }
     save(result, cfg.output.uri, extra_files=extra, metadata={"job": cfg.name})
     timings["save"] = time.perf_counter() - t0

@@ -77,15 +77,21 @@ def parse_target(target: "str | Target") -> Target:
 
 
 def dense_cost(meta: dict) -> tuple[int, int]:
-    """(params, MACs per example) of the layer as it is."""
+    """(params, MACs per example) of the layer as it is (for the core of an already rebuilt layer,
+    ``meta["ranks"] = [r_in, r_out]``: its current three-layer form)."""
+    if meta.get("ranks") is not None:
+        return kfe_cost(meta, *meta["ranks"])
     c_in, c_out, k2, t = meta["c_in"], meta["d_out"], meta["k2"], meta["positions"]
     params = c_out * c_in * k2 + (c_out if meta["has_bias"] else 0)
     return params, t * c_out * c_in * k2
 
 
 def kfe_cost(meta: dict, r_in: int, r_out: int) -> tuple[int, int]:
-    """(params, MACs per example) of the three-layer form keeping r_in input / r_out output dirs."""
-    c_in, c_out, k2, t = meta["c_in"], meta["d_out"], meta["k2"], meta["positions"]
+    """(params, MACs per example) of the three-layer form keeping r_in input / r_out output dirs.
+
+    ``meta["c_out"]`` (when present) is the layer's real output width; ``d_out`` then counts the
+    output directions of an already rebuilt core (iterative rounds)."""
+    c_in, c_out, k2, t = meta["c_in"], meta.get("c_out", meta["d_out"]), meta["k2"], meta["positions"]
     fold, bias = meta["fold_bias"], meta["has_bias"]
     extra = (r_in if fold else 0) + (c_out if bias and not fold else 0)
     if meta["kind"] == "linear":

@@ -22,12 +22,12 @@ from .eigen import Eigenbasis, eigenbasis
 from .errors import ConfigError
 from .factors import LayerStats
 from .layers import Adapter
-from .methods import METHODS
+from .methods import MethodInfo, method_info
 from .methods.eigendamage import entry_scores, kfe_weight
 from .plan import Plan, parse_target, select
 from .surgery import apply_plan
 
-__all__ = ["PruneResult", "prune", "layer_scores", "score_in_basis", "LayerScores", "prunable_layers", "plan_from_scores", "layer_report"]
+__all__ = ["plan_report", "flag_bottlenecks", "PruneResult", "prune", "layer_scores", "score_in_basis", "LayerScores", "prunable_layers", "plan_from_scores", "layer_report"]
 
 
 @dataclass
@@ -146,15 +146,28 @@ def prune(
     max_factor_dim: int | None = MAX_FACTOR_DIM,
     example_input: torch.Tensor | None = None,
     progress: bool = False,
+    damping: float = 1e-3,
 ) -> PruneResult:
     """Prune ``model`` with ``method`` to ``target`` using K-FAC statistics of ``batches``.
 
-    ``batches`` yields ``(x, y)``; ``y`` is used only with ``fisher="empirical"``. Pass ``stats``
-    (from :func:`raykfe.collect_factors`) to reuse statistics. The input model is left unchanged.
+    ``batches`` yields ``(x, y)``; ``y`` is used only with ``fisher="empirical"`` (and by SOSP's
+    gradient). Pass ``stats`` (from :func:`raykfe.collect_factors`) to reuse EigenDamage's
+    statistics. ``method`` is any name of :data:`raykfe.methods.METHODS` except the iterative one
+    (it fine-tunes between rounds: run it as a job). The input model is left unchanged.
     """
-    if method not in METHODS:
-        raise ConfigError(f"method {method!r} is not known: choose one of {', '.join(METHODS)}")
+    info = method_info(method)
+    if info.rounds > 1:
+        raise ConfigError(
+            f"method {method!r} fine-tunes between rounds: run it as a job (raykfe prune -c job.yaml, or "
+            "raykfe.pipeline.run_job) or use method='eigendamage' here"
+        )
     tgt = parse_target(target)
+    if info.space == "channels":
+        return _prune_channels(
+            model, batches, info, tgt, fisher=fisher, max_layer_ratio=max_layer_ratio, include_classifier=include_classifier,
+            exclude=exclude, tolerance=tolerance, seed=seed, max_batches=max_batches, example_input=example_input,
+            progress=progress, damping=damping, max_factor_dim=max_factor_dim,
+        )
     timings: dict[str, float] = {}
     if example_input is None:
         example_input, batches = _peek(batches)
@@ -197,7 +210,84 @@ def prune(
             f"rebuilt model has {measured} but the plan predicted params={plan.params} macs={plan.macs}"
         )
     timings["plan"] = time.perf_counter() - t0
-    return PruneResult(new, plan, layer_report(plan), dict(stats), timings)
+    return PruneResult(new, plan, plan_report(plan), dict(stats), timings)
+
+
+def _prune_channels(model, batches, info: MethodInfo, tgt, *, fisher, max_layer_ratio, include_classifier, exclude,
+                    tolerance, seed, max_batches, example_input, progress, damping, max_factor_dim) -> PruneResult:
+    """:func:`prune` for the parameter-coordinate methods (channel surgery)."""
+    from .channel_methods import BatchSource, channel_scores, compensate
+    from .channels import ChannelGraph, ChannelPlan, apply_channels, channel_layer_fractions
+
+    if example_input is None:
+        example_input, batches = _peek(batches)
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    graph = ChannelGraph(model, example_input, exclude=exclude, include_classifier=include_classifier)
+    if info.statistics not in ("none", "bn-sparsity"):
+        batches = list(itertools.islice(batches, max_batches) if max_batches else batches)  # may be read twice
+    source = BatchSource(model, batches, fisher=fisher, seed=seed, max_batches=max_batches, progress=progress)
+    scores, kfac = channel_scores(info, model, graph, source, damping=damping, max_factor_dim=max_factor_dim)
+    timings["statistics"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    removed, summary = graph.select(scores, tgt, max_layer_ratio=max_layer_ratio, tolerance=tolerance)
+    plan = ChannelPlan(
+        method=info.name, target=str(tgt), removed=removed, skipped=dict(graph.skipped), base_params=summary["base_params"],
+        base_macs=summary["base_macs"], params=summary["params"], macs=summary["macs"],
+        options={
+            "fisher": fisher, "include_classifier": include_classifier, "exclude": list(exclude), "seed": seed,
+            "max_layer_ratio": max_layer_ratio, "tolerance": tolerance, "damping": damping,
+            "input_shape": list(example_input.shape[1:]), "summary": summary,
+            "layers": {k: list(v) for k, v in channel_layer_fractions(graph, removed).items()}, "statistics": info.statistics,
+        },
+    )
+    source_model = compensate(info, model, graph, removed, kfac, damping) if info.compensates else model
+    new = apply_channels(source_model, example_input, removed)
+    measured = count(new, example_input)
+    if (measured.params, measured.macs) != (plan.params, plan.macs):
+        raise RuntimeError(f"channel surgery gave {measured}, the plan predicted params={plan.params} macs={plan.macs}")
+    timings["plan"] = time.perf_counter() - t0
+    return PruneResult(new, plan, plan_report(plan), None, timings)
+
+
+#: a layer is flagged as an architectural bottleneck when it is among the least-pruned tenth
+BOTTLENECK_SHARE = 0.1
+
+
+def plan_report(plan) -> list[dict]:
+    """Per-layer rows for any plan (KFE or channels): what was removed, with ``removed`` the
+    fraction of the layer's structures (eigen-directions or output channels) that went and the
+    least-pruned tenth of the pruned layers flagged as bottlenecks (SOSP's analysis: layers the
+    method refuses to shrink are where the architecture is too narrow)."""
+    if getattr(plan, "kind", "kfe") == "channels":
+        rows = []
+        for name, (kept, total) in plan.options.get("layers", {}).items():
+            rows.append({
+                "layer": name, "action": "channels" if kept < total else "kept", "kept_in": "-", "kept_out": f"{kept}/{total}",
+                "params": None, "dense_params": None, "macs": None, "dense_macs": None, "predicted_dloss": 0.0,
+                "removed": 1.0 - kept / total if total else 0.0, "note": "",
+            })
+        for name, reason in plan.skipped.items():
+            rows.append({"layer": name, "action": "dense", "kept_in": "-", "kept_out": "-", "params": None, "dense_params": None,
+                         "macs": None, "dense_macs": None, "predicted_dloss": 0.0, "removed": None, "note": reason})
+    else:
+        rows = layer_report(plan)
+        for r, lp in zip(rows, plan.layers.values()):
+            r["removed"] = 1.0 - (lp.r_in + lp.r_out) / (lp.d_in + lp.d_out) if lp.action == "kfe" else 0.0
+    flag_bottlenecks(rows)
+    return rows
+
+
+def flag_bottlenecks(rows: list[dict], share: float = BOTTLENECK_SHARE) -> list[str]:
+    """Mark (in ``note``) and return the least-pruned ``share`` of the rows that have a ``removed``."""
+    cand = [r for r in rows if r.get("removed") is not None]
+    if len(cand) < 2:
+        return []
+    k = max(1, int(round(share * len(cand))))
+    flagged = sorted(cand, key=lambda r: (r["removed"], r["layer"]))[:k]
+    for r in flagged:
+        r["note"] = ("bottleneck (least pruned); " + r["note"]).rstrip("; ")
+    return [r["layer"] for r in flagged]
 
 
 def plan_from_scores(

@@ -18,7 +18,7 @@ from ..stages import StageStore
 from ..storage import open_uri
 from .actors import EigenPool
 from .cluster import connect
-from .workers import stats_worker, train_worker
+from .workers import measure_worker, stats_worker, train_worker
 
 __all__ = ["RayBackend", "FAULT_ENV"]
 
@@ -107,10 +107,15 @@ class RayBackend:
         _, tensors, meta = ckpt
         return {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, meta["history"]
 
-    def collect(self, cfg, recipe, state, layers):
-        self._fit(stats_worker, cfg, recipe, state, "stats", layers=list(layers))
-        tensors, meta = StageStore(open_uri(_absolute(cfg).output.uri)).load("stats")
+    def collect(self, cfg, recipe, state, layers, *, stage="stats", conv_mode=None):
+        self._fit(stats_worker, cfg, recipe, state, stage, layers=list(layers), conv_mode=conv_mode)
+        tensors, meta = StageStore(open_uri(_absolute(cfg).output.uri)).load(stage)
         return stats_from_tensors(tensors, meta)
+
+    def measure(self, cfg, recipe, state, kind, spec, *, stage):
+        self._fit(measure_worker, cfg, recipe, state, stage, kind=kind, spec=spec)
+        tensors, _ = StageStore(open_uri(_absolute(cfg).output.uri)).load(stage)
+        return tensors
 
     def score(self, stats, weights):
         self._connect()

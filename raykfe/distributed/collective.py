@@ -14,7 +14,7 @@ import torch.distributed as dist
 
 from ..factors import LayerStats
 
-__all__ = ["allreduce_stats", "pack_triangles", "unpack_triangles"]
+__all__ = ["allreduce_stats", "allreduce_tensors", "pack_triangles", "unpack_triangles"]
 
 
 def pack_triangles(stats: Mapping[str, LayerStats]) -> tuple[torch.Tensor, list]:
@@ -58,3 +58,26 @@ def allreduce_stats(stats: Mapping[str, LayerStats], *, bucket_bytes: int = 64 <
         dist.all_reduce(bucket, op=dist.ReduceOp.SUM)
         flat[start:start + step] = bucket
     unpack_triangles(flat.cpu(), layout, stats)
+
+
+def allreduce_tensors(tensors: dict[str, torch.Tensor], *, bucket_bytes: int = 64 << 20, device=None) -> dict[str, torch.Tensor]:
+    """Sum a dict of tensors (sums and counts, any shapes) over all ranks; returns float64 copies
+    shaped as given (the count entries come back as float64 too: round them)."""
+    if not dist.is_available() or not dist.is_initialized() or dist.get_world_size() == 1:
+        return dict(tensors)
+    names = list(tensors)
+    flat = torch.cat([tensors[n].detach().reshape(-1).to(torch.float64).cpu() for n in names])
+    if device is not None:
+        flat = flat.to(device)
+    step = max(1, bucket_bytes // 8)
+    for start in range(0, flat.numel(), step):
+        bucket = flat[start:start + step].clone()
+        dist.all_reduce(bucket, op=dist.ReduceOp.SUM)
+        flat[start:start + step] = bucket
+    flat = flat.cpu()
+    out, offset = {}, 0
+    for n in names:
+        t = tensors[n]
+        out[n] = flat[offset:offset + t.numel()].reshape(t.shape).to(t.dtype if t.is_floating_point() else torch.float64)
+        offset += t.numel()
+    return out

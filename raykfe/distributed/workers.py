@@ -33,9 +33,9 @@ from ..config import TrainConfig, config_from_dict
 from ..factors import stats_to_tensors
 from ..stages import StageStore
 from ..storage import open_uri
-from .collective import allreduce_stats
+from .collective import allreduce_stats, allreduce_tensors
 
-__all__ = ["stats_worker", "train_worker", "IndexedSubset", "ShardSampler", "peak_rss_mb"]
+__all__ = ["stats_worker", "measure_worker", "train_worker", "IndexedSubset", "ShardSampler", "peak_rss_mb"]
 
 
 class IndexedSubset(Dataset):
@@ -99,42 +99,65 @@ def _setup(config: dict):
     return cfg, rank, world, model, data_splits(cfg)
 
 
+def _shard_batches(cfg, rank: int, world: int, splits, fault: dict | None, stage: str):
+    """This worker's shard of the statistics data (example i goes to rank i % world), as batches."""
+    n = len(splits.train)
+    if cfg.stats.max_batches is not None:
+        n = min(n, cfg.stats.max_batches * cfg.stats.batch_size)
+    loader = DataLoader(IndexedSubset(splits.train, range(rank, n, world)), batch_size=cfg.stats.batch_size, shuffle=False)
+    for b, batch in enumerate(loader):
+        _maybe_fail(fault, stage, rank, b)
+        yield batch
+
+
 def stats_worker(config: dict) -> None:
     cfg, rank, world, model, splits = _setup(config)
     device = ray.train.torch.get_device()
     model.to(device)
-    n = len(splits.train)
-    if cfg.stats.max_batches is not None:
-        n = min(n, cfg.stats.max_batches * cfg.stats.batch_size)
-    shard = IndexedSubset(splits.train, range(rank, n, world))
-    loader = DataLoader(shard, batch_size=cfg.stats.batch_size, shuffle=False)
-    fault = config.get("fault")
-
-    def batches():
-        for b, batch in enumerate(loader):
-            _maybe_fail(fault, "stats", rank, b)
-            yield batch
-
+    stage = config.get("stage", "stats")
     t0 = time.perf_counter()
     stats = collect_factors(
-        model, batches(), fisher=cfg.stats.fisher, conv_mode=cfg.stats.conv_mode, seed=cfg.seed,
-        layers=config["layers"], progress=False,
+        model, _shard_batches(cfg, rank, world, splits, config.get("fault"), "stats"), fisher=cfg.stats.fisher,
+        conv_mode=config.get("conv_mode") or cfg.stats.conv_mode, seed=cfg.seed, layers=config["layers"], progress=False,
     )
     seconds = time.perf_counter() - t0
     examples = stats[config["layers"][0]].count
     t0 = time.perf_counter()
     allreduce_stats(stats, bucket_bytes=cfg.ray.bucket_mb << 20, device=device if device.type == "cuda" else None)
     store = StageStore(open_uri(cfg.output.uri))
-    store.save_text(f"stats.worker-{rank}.json", json.dumps({
+    store.save_text(f"{stage}.worker-{rank}.json", json.dumps({
         "rank": rank, "world": world, "examples": examples, "pass_seconds": seconds,
         "allreduce_seconds": time.perf_counter() - t0, "peak_rss_mb": peak_rss_mb(),
     }))
     if rank == 0:
-        store.save("stats", *stats_to_tensors(stats))
+        store.save(stage, *stats_to_tensors(stats))
         if cfg.progress:
-            print(f"[stats] {stats[config['layers'][0]].count} examples on {world} workers, "
+            print(f"[{stage}] {stats[config['layers'][0]].count} examples on {world} workers, "
                   f"{len(stats)} layers, pass {seconds:.1f} s", flush=True)
     ray.train.report({"layers": len(stats), "examples": stats[config["layers"][0]].count})
+
+
+def measure_worker(config: dict) -> None:
+    """The parameter-coordinate methods' statistics (:func:`raykfe.measure.measure`) of this
+    worker's shard, all-reduced by summation; the chief stores them as stage ``config["stage"]``."""
+    from ..measure import measure
+
+    cfg, rank, world, model, splits = _setup(config)
+    device = ray.train.torch.get_device()
+    model.to(device)
+    stage = config["stage"]
+    t0 = time.perf_counter()
+    sums = measure(
+        config["kind"], model, _shard_batches(cfg, rank, world, splits, config.get("fault"), "stats"), config["spec"],
+        fisher=cfg.stats.fisher, seed=cfg.seed,
+    )
+    seconds = time.perf_counter() - t0
+    sums = allreduce_tensors(sums, bucket_bytes=cfg.ray.bucket_mb << 20, device=device if device.type == "cuda" else None)
+    if rank == 0:
+        StageStore(open_uri(cfg.output.uri)).save(stage, {k: v.contiguous() for k, v in sums.items()}, {"kind": config["kind"]})
+        if cfg.progress:
+            print(f"[{stage}] {config['kind']} on {world} workers, pass {seconds:.1f} s", flush=True)
+    ray.train.report({"seconds": seconds})
 
 
 def _report_epoch(record: dict, stage: str, epochs: int, show: bool) -> None:

@@ -1,0 +1,486 @@
+"""SOSP importance (ALGORITHMS.md section 7): second-order structured pruning, SOSP-H and SOSP-I.
+
+Nonnenmacher et al., ICLR 2022. The formulas below are derived here from the second-order Taylor
+expansion of the training loss; the section is marked (verify) in the spec, and the points where
+raykfe may differ from the paper are listed at the end.
+
+Notation (everything per example ``n`` of a dataset of ``N``):
+
+* ``z_n = f(x_n; w)`` the logits ``[C]``; ``l_n = CE(z_n, y_n)`` with the DATASET label;
+  ``L = (1/N) sum_n l_n``;
+* ``p_n = softmax(z_n)``, ``r_n = dl_n/dz_n = p_n - onehot(y_n)``, ``H_n = d^2 l_n/dz_n^2 =
+  diag(p_n) - p_n p_n^T``; ``J_n = dz_n/dw`` ``[C, P]``;
+* ``g = (1/N) sum_n J_n^T r_n`` (the mean gradient) and ``G = (1/N) sum_n J_n^T H_n J_n``
+  (the Gauss-Newton matrix, PSD);
+* a structure ``s`` owns dim-0 slices of some parameters (``owner[name][i] == s``);
+  ``theta_s`` is ``w`` on those slices and 0 elsewhere; ``theta = sum_s theta_s`` (every owned slice).
+
+Removing a set ``M`` sets ``w -> w - theta_M`` with ``theta_M = sum_{s in M} theta_s``; the Taylor
+expansion to second order, with the Hessian replaced by ``G``, gives::
+
+    dL(M) ~= -sum_{s in M} g^T theta_s + 1/2 sum_{s, s' in M} theta_s^T G theta_s'
+           = sum_{s in M} [ -g^T theta_s + 1/2 theta_s^T G theta_M ]          (s's share of dL(M))
+
+SOSP-H (:func:`sosp_h_stats`, :func:`sosp_h_scores`) replaces the unknown ``M`` in ``s``'s share by
+ALL structures::
+
+    score_s = | -g^T theta_s + 1/2 theta_s^T (G theta) |
+
+``G theta`` costs ONE Gauss-Newton-vector product per batch: ``u = J theta`` by forward mode
+(``torch.func.jvp`` of ``torch.func.functional_call`` over the whole batch: ``u`` is ``[N, C]``),
+``H_n u_n = p_n * u_n - p_n (p_n . u_n)`` (vectorised over the batch), then ``J^T (H u)`` by one
+reverse-mode pass. The primal logits of the same ``jvp`` call carry the autograd graph, so the
+gradient ``J^T r`` is a second backward through that graph: per batch, one forward-mode pass and
+two backward passes, about 3x a training step. Per-shard statistics are SUMS over examples
+(``grad_sum = sum_n J_n^T r_n``, ``gv_sum = sum_n J_n^T H_n J_n theta``) plus a count, so shards
+all-reduce / merge by addition. ``gv_sum`` is linear in ``theta``: the scores are only meaningful
+for the weights the statistics were collected with.
+
+SOSP-I (:func:`sosp_i_stats`, :func:`sosp_i_scores`) keeps every pair::
+
+    Q_ss' = theta_s^T G theta_s' = (1/N) sum_n u_sn^T H_n u_s'n,   u_sn = J_n theta_s  [C]
+    gdot_s = g^T theta_s         = (1/N) sum_n r_n^T u_sn
+
+so no backward pass is needed at all: one JVP per structure per example (``torch.func.vmap`` over
+``chunk`` tangents at a time). With ``H_n = diag(p_n) - p_n p_n^T`` the ``[S, S]`` sum over a
+micro-batch of ``m`` examples is ``V V^T - W W^T`` with ``V = U * sqrt(p)`` reshaped ``[S, m*C]``
+and ``W = U p`` ``[S, m]``; the micro-batch size keeps ``U`` (``[S, m, C]``, float64) under
+``_U_BUDGET`` elements. Cost: ``S`` forward-mode passes over the data (``S`` times a forward),
+memory ``chunk`` x the owned parameters for the stacked tangents. Above
+``MAX_SOSP_I_STRUCTURES`` structures raykfe refuses and points to SOSP-H.
+
+The SOSP-I saliency "from its row of Q": ``s``'s share of ``dL(M)`` for any ``M`` containing ``s``
+is ``-gdot_s + 1/2 Q_ss + 1/2 sum_{s' in M, s' != s} Q_ss'``, whose absolute value is at most::
+
+    score_s = | -gdot_s + 1/2 Q_ss | + 1/2 sum_{s' != s} |Q_ss'|
+
+so ``|dL(M)| <= sum_{s in M} score_s`` for every ``M``: the score is a worst case over removal sets
+and needs no guess of ``M``.
+
+Decisions and possible differences from the paper (verify):
+
+* the sign convention: the perturbation is ``-theta_s`` (removal), so the first-order term is
+  ``-g^T theta_s`` and the second-order term ``+1/2 theta^T G theta``; a paper formula written with
+  ``+g^T theta_s`` differs only inside the absolute value, i.e. where the two terms compete;
+* the gradient term is kept (the model need not be at a minimum); the paper may drop it for
+  converged networks, which here would mean ``g ~= 0``;
+* the SOSP-I bound keeps the diagonal term together with the gradient term inside ONE absolute
+  value; a looser variant ``|g^T theta_s| + 1/2 sum_{s'} |Q_ss'|`` is also an upper bound;
+* ``G`` uses the dataset labels' cross-entropy Hessian w.r.t. the logits, which does not depend on
+  the labels at all; only ``g`` does;
+* a structure is exactly the dim-0 slices given by ``owner`` (e.g. a conv filter with its BN scale
+  and shift), and ``dL`` is the loss change of ZEROING them. When the activation maps 0 to 0 (ReLU,
+  tanh, GELU) and the structure includes the shift that feeds it, the channel's output is then 0,
+  so this equals removing the channel together with the next layer's input slice (which ``owner``
+  cannot list: it indexes dim 0). Otherwise (a filter whose BN shift is not owned, sigmoid) it
+  models zeroing only.
+
+The model runs in eval mode (BatchNorm uses, and does not update, its running statistics: the
+buffers go through ``functional_call`` untouched); parameters are used through detached aliases,
+so ``.grad`` and ``requires_grad`` are never touched, and the mode, flags and grads are restored
+anyway. All sums are float64; the passes themselves run in the model's dtype.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterable, Mapping
+
+import numpy as np
+import torch
+from torch import nn
+from torch.func import functional_call, jvp, vmap
+
+from ..errors import ConfigError
+
+__all__ = [
+    "SospStats",
+    "SospIStats",
+    "sosp_h_stats",
+    "sosp_h_scores",
+    "sosp_i_stats",
+    "sosp_i_scores",
+    "MAX_SOSP_I_STRUCTURES",
+]
+
+#: SOSP-I keeps an ``[S, S]`` matrix and runs S JVPs per example: refuse above this
+MAX_SOSP_I_STRUCTURES = 4096
+
+#: elements of the per-micro-batch ``U [S, m, C]`` (float64: 2**24 elements = 128 MiB)
+_U_BUDGET = 1 << 24
+
+_COUNT = "count"
+_SEP = "::"
+
+
+# ----------------------------------------------------------------------------------- statistics
+
+
+@dataclass
+class SospStats:
+    """SOSP-H sums over examples, float64, keyed by owned parameter name.
+
+    ``grad_sum[name] = sum_n dl_n/dw`` and ``gv_sum[name] = sum_n J_n^T H_n J_n theta`` (shape of
+    the parameter); ``count = N``.
+    """
+
+    grad_sum: dict[str, torch.Tensor]
+    gv_sum: dict[str, torch.Tensor]
+    count: int = 0
+
+    def merge(self, other: "SospStats") -> "SospStats":
+        """Statistics of the two shards' concatenated data (sums and counts add)."""
+        _check_same("grad_sum", self.grad_sum, other.grad_sum)
+        _check_same("gv_sum", self.gv_sum, other.gv_sum)
+        return SospStats(
+            {k: v + other.grad_sum[k].to(v.device) for k, v in self.grad_sum.items()},
+            {k: v + other.gv_sum[k].to(v.device) for k, v in self.gv_sum.items()},
+            self.count + other.count,
+        )
+
+    def to_tensors(self) -> dict[str, torch.Tensor]:
+        """Flat ``{"grad_sum::<param>", "gv_sum::<param>", "count"}`` (CPU, contiguous)."""
+        out = {f"grad_sum{_SEP}{k}": v.detach().cpu().contiguous() for k, v in self.grad_sum.items()}
+        out.update({f"gv_sum{_SEP}{k}": v.detach().cpu().contiguous() for k, v in self.gv_sum.items()})
+        out[_COUNT] = torch.tensor(self.count, dtype=torch.int64)
+        return out
+
+    @classmethod
+    def from_tensors(cls, tensors: Mapping[str, torch.Tensor]) -> "SospStats":
+        grad, gv = {}, {}
+        for key, t in tensors.items():
+            if key == _COUNT:
+                continue
+            kind, _, name = key.partition(_SEP)
+            if kind == "grad_sum":
+                grad[name] = t.to(torch.float64)
+            elif kind == "gv_sum":
+                gv[name] = t.to(torch.float64)
+            else:
+                raise ValueError(f"unexpected key {key!r} in SOSP-H statistics: expected grad_sum::, gv_sum:: or count")
+        if _COUNT not in tensors:
+            raise ValueError("SOSP-H statistics tensors have no 'count' entry")
+        return cls(grad, gv, int(tensors[_COUNT].item()))
+
+
+@dataclass
+class SospIStats:
+    """SOSP-I sums over examples, float64: ``q_sum [S, S]``, ``g_sum [S]`` and ``count = N``.
+
+    ``Q = q_sum / count`` with ``Q_ss' = theta_s^T G theta_s'``; ``g_sum / count = g^T theta_s``.
+    """
+
+    q_sum: torch.Tensor
+    g_sum: torch.Tensor
+    count: int = 0
+
+    def merge(self, other: "SospIStats") -> "SospIStats":
+        if self.q_sum.shape != other.q_sum.shape:
+            raise ValueError(
+                f"cannot merge SOSP-I statistics of {self.q_sum.shape[0]} and {other.q_sum.shape[0]} structures"
+            )
+        return SospIStats(
+            self.q_sum + other.q_sum.to(self.q_sum.device),
+            self.g_sum + other.g_sum.to(self.g_sum.device),
+            self.count + other.count,
+        )
+
+    def to_tensors(self) -> dict[str, torch.Tensor]:
+        return {
+            "q_sum": self.q_sum.detach().cpu().contiguous(),
+            "g_sum": self.g_sum.detach().cpu().contiguous(),
+            _COUNT: torch.tensor(self.count, dtype=torch.int64),
+        }
+
+    @classmethod
+    def from_tensors(cls, tensors: Mapping[str, torch.Tensor]) -> "SospIStats":
+        missing = [k for k in ("q_sum", "g_sum", _COUNT) if k not in tensors]
+        if missing:
+            raise ValueError(f"SOSP-I statistics tensors lack {missing}")
+        return cls(
+            tensors["q_sum"].to(torch.float64), tensors["g_sum"].to(torch.float64), int(tensors[_COUNT].item())
+        )
+
+
+def _check_same(what: str, a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> None:
+    if a.keys() != b.keys() or any(a[k].shape != b[k].shape for k in a):
+        raise ValueError(
+            f"cannot merge SOSP-H statistics: {what} covers different parameters or shapes "
+            f"({sorted(a)} vs {sorted(b)}); collect every shard with the same model and owner map"
+        )
+
+
+# ------------------------------------------------------------------------------------- helpers
+
+
+def _owned(model: nn.Module, owner: Mapping[str, torch.Tensor], n_structures: int | None) -> dict[str, torch.Tensor]:
+    """Validate ``owner`` against the model: ``{name: owner ids (long, on the param's device)}``."""
+    params = dict(model.named_parameters())
+    out: dict[str, torch.Tensor] = {}
+    for name, ids in owner.items():
+        if name not in params:
+            raise ConfigError(
+                f"owner names parameter {name!r}, which the model does not have: use names from model.named_parameters()"
+            )
+        p = params[name]
+        ids = torch.as_tensor(ids)
+        if ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8) or ids.dim() != 1:
+            raise ConfigError(f"owner[{name!r}] must be a 1-D integer tensor, got dtype {ids.dtype} shape {tuple(ids.shape)}")
+        if p.dim() == 0 or ids.shape[0] != p.shape[0]:
+            raise ConfigError(
+                f"owner[{name!r}] has length {ids.shape[0]} but the parameter has shape {tuple(p.shape)}: "
+                "give one structure id (or -1) per dim-0 slice"
+            )
+        if ids.numel() and int(ids.min()) < -1:
+            raise ConfigError(f"owner[{name!r}] holds id {int(ids.min())}: ids are 0..n_structures-1, or -1 for none")
+        if n_structures is not None and ids.numel() and int(ids.max()) >= n_structures:
+            raise ConfigError(
+                f"owner[{name!r}] holds structure id {int(ids.max())} but n_structures={n_structures}: "
+                "pass n_structures = 1 + the largest id"
+            )
+        out[name] = ids.to(device=p.device, dtype=torch.long)
+    if not any(bool((ids >= 0).any()) for ids in out.values()):
+        raise ConfigError("owner assigns no parameter slice to any structure: nothing to score")
+    return out
+
+
+def _rows(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A dim-0 mask ``[rows]`` (or ``[k, rows]``) shaped to broadcast against ``like`` (``[rows, ...]``)."""
+    return mask.reshape(*mask.shape, *([1] * (like.dim() - 1))).to(like.dtype)
+
+
+class _Functional:
+    """``f(owned params...) -> logits`` of one batch through ``functional_call`` (eval mode).
+
+    Every other parameter and every buffer is passed as a fixed detached tensor, so BatchNorm uses
+    its running statistics and nothing of the module is written.
+    """
+
+    def __init__(self, model: nn.Module, names: list[str]):
+        self.model = model
+        self.names = names
+        named = set(names)
+        self.fixed = {n: p.detach() for n, p in model.named_parameters() if n not in named}
+        self.fixed.update({n: b for n, b in model.named_buffers()})
+        params = dict(model.named_parameters())
+        self.primals = tuple(params[n].detach() for n in names)
+
+    def fn(self, x: torch.Tensor) -> Callable[..., torch.Tensor]:
+        def f(*owned: torch.Tensor) -> torch.Tensor:
+            return functional_call(self.model, {**self.fixed, **dict(zip(self.names, owned))}, (x,))
+
+        return f
+
+
+def _batches(batches: Iterable, max_batches: int | None, progress: bool, desc: str):
+    if max_batches is not None and max_batches < 1:
+        raise ConfigError(f"max_batches={max_batches} must be a positive integer (or None for all batches)")
+    iterator = batches
+    if progress:
+        from tqdm.auto import tqdm
+
+        iterator = tqdm(batches, desc=desc, total=max_batches, leave=False)
+    for b, batch in enumerate(iterator):
+        if max_batches is not None and b >= max_batches:
+            break
+        yield batch[0], batch[1]  # a third element (example indices) is not needed here
+
+
+def _targets(logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(p, r)``: softmax and ``dl/dz = p - onehot(y)``, both ``[N, C]`` in the logits' dtype."""
+    if logits.dim() != 2:
+        raise ConfigError(f"the model's output has shape {tuple(logits.shape)}: SOSP expects logits [N, classes]")
+    n, c = logits.shape
+    y = y.to(logits.device).long().reshape(-1)
+    if y.shape[0] != n:
+        raise ConfigError(f"a batch has {y.shape[0]} labels for {n} examples: labels must be [N]")
+    if n and (int(y.min()) < 0 or int(y.max()) >= c):
+        raise ConfigError(f"labels must be class indices in 0..{c - 1}; got {int(y.min())}..{int(y.max())}")
+    p = torch.softmax(logits.detach(), dim=1)
+    r = p.clone()
+    r[torch.arange(n, device=r.device), y] -= 1
+    return p, r
+
+
+def _apply_h(p: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """``H_n u_n = p_n * u_n - p_n (p_n . u_n)`` for every example (``[N, C]``)."""
+    return p * u - p * (p * u).sum(dim=-1, keepdim=True)
+
+
+class _Preserve:
+    """Eval mode for the duration; mode, ``requires_grad`` flags and ``.grad`` restored after."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def __enter__(self) -> None:
+        self.was_training = self.model.training
+        self.state = [(p, p.requires_grad, p.grad) for p in self.model.parameters()]
+        self.model.eval()
+
+    def __exit__(self, *exc) -> None:
+        for p, flag, grad in self.state:
+            p.requires_grad_(flag)
+            p.grad = grad
+        self.model.train(self.was_training)
+
+
+# ---------------------------------------------------------------------------------------- SOSP-H
+
+
+def sosp_h_stats(
+    model: nn.Module,
+    batches: Iterable,
+    owner: Mapping[str, torch.Tensor],
+    *,
+    max_batches: int | None = None,
+    progress: bool = False,
+) -> SospStats:
+    """SOSP-H sums over ``batches`` (``(x, y)`` or ``(x, y, idx)``): gradient and ``G theta``.
+
+    Per batch: one ``jvp`` (logits with their autograd graph, and ``u = J theta``), then two
+    backward passes through the logits with cotangents ``r`` and ``H u``.
+    """
+    own = _owned(model, owner, None)
+    names = list(own)
+    device = next(model.parameters()).device
+    grad_sum = {n: torch.zeros(p.shape, dtype=torch.float64, device=p.device) for n, p in model.named_parameters() if n in own}
+    gv_sum = {n: torch.zeros_like(t) for n, t in grad_sum.items()}
+    count = 0
+    with _Preserve(model):
+        func = _Functional(model, names)
+        theta = tuple(w * _rows(own[n] >= 0, w) for n, w in zip(names, func.primals))
+        for x, y in _batches(batches, max_batches, progress, "SOSP-H statistics"):
+            x = x.to(device)
+            primals = tuple(w.detach().requires_grad_(True) for w in func.primals)  # aliases: .grad stays untouched
+            with torch.enable_grad():
+                logits, u = jvp(func.fn(x), primals, theta)
+            u = u.detach()
+            p, r = _targets(logits, y)
+            hu = _apply_h(p, u)
+            grads = torch.autograd.grad(logits, primals, r, retain_graph=True, allow_unused=True)
+            gvs = torch.autograd.grad(logits, primals, hu, allow_unused=True)
+            for n, g, gv in zip(names, grads, gvs):
+                if g is not None:  # a parameter the forward never reaches has zero gradient
+                    grad_sum[n] += g.detach().to(torch.float64)
+                if gv is not None:
+                    gv_sum[n] += gv.detach().to(torch.float64)
+            count += int(logits.shape[0])
+    if count == 0:
+        raise ConfigError("no batch was seen: the data given for SOSP statistics is empty")
+    return SospStats(grad_sum, gv_sum, count)
+
+
+def sosp_h_scores(model: nn.Module, owner: Mapping[str, torch.Tensor], stats: SospStats, n_structures: int) -> np.ndarray:
+    """``score_s = | -g^T theta_s + 1/2 theta_s^T (G theta) |`` ``[n_structures]`` float64.
+
+    ``g = grad_sum / count``, ``G theta = gv_sum / count``; ``theta_s`` is read from the model's
+    current parameters, which must be those the statistics were collected with.
+    """
+    if n_structures < 1:
+        raise ConfigError(f"n_structures={n_structures} must be >= 1")
+    if stats.count < 1:
+        raise ConfigError("the SOSP-H statistics are empty (count=0): collect them with sosp_h_stats first")
+    own = _owned(model, owner, n_structures)
+    missing = [n for n in own if n not in stats.grad_sum or n not in stats.gv_sum]
+    if missing:
+        raise ConfigError(f"the SOSP-H statistics lack parameters {missing}: collect them with the same owner map")
+    params = dict(model.named_parameters())
+    delta = torch.zeros(n_structures, dtype=torch.float64)
+    for n, ids in own.items():
+        w = params[n].detach().to(torch.float64)
+        g = stats.grad_sum[n].to(w.device) / stats.count
+        gth = stats.gv_sum[n].to(w.device) / stats.count
+        per_row = (w * (0.5 * gth - g)).reshape(w.shape[0], -1).sum(dim=1)  # [rows]
+        keep = ids >= 0
+        delta.index_add_(0, ids[keep].cpu(), per_row[keep].cpu())
+    return delta.abs().numpy()
+
+
+# ---------------------------------------------------------------------------------------- SOSP-I
+
+
+def sosp_i_stats(
+    model: nn.Module,
+    batches: Iterable,
+    owner: Mapping[str, torch.Tensor],
+    n_structures: int,
+    *,
+    max_batches: int | None = None,
+    chunk: int = 32,
+    progress: bool = False,
+) -> SospIStats:
+    """SOSP-I sums over ``batches``: ``q_sum [S, S]`` and ``g_sum [S]`` (see the module docstring).
+
+    ``chunk`` structures share one vmapped JVP (memory ``chunk`` x the owned parameters);
+    ``chunk=1`` runs a plain loop.
+    """
+    if n_structures > MAX_SOSP_I_STRUCTURES:
+        raise ConfigError(
+            f"n_structures={n_structures} is above the SOSP-I limit of {MAX_SOSP_I_STRUCTURES} "
+            f"(S^2 pairs, S JVPs per example): use method sosp-h, which costs one JVP per batch"
+        )
+    if n_structures < 1:
+        raise ConfigError(f"n_structures={n_structures} must be >= 1")
+    if chunk < 1:
+        raise ConfigError(f"chunk={chunk} must be >= 1 (structures per vmapped JVP)")
+    own = _owned(model, owner, n_structures)
+    names = list(own)
+    device = next(model.parameters()).device
+    S = n_structures
+    q_sum = torch.zeros(S, S, dtype=torch.float64, device=device)
+    g_sum = torch.zeros(S, dtype=torch.float64, device=device)
+    count = 0
+    with _Preserve(model):
+        func = _Functional(model, names)
+        starts = list(range(0, S, chunk))
+
+        def tangents(start: int) -> tuple[torch.Tensor, ...]:
+            ids = torch.arange(start, min(start + chunk, S), device=device)
+            return tuple(
+                _rows(own[n].to(device)[None, :] == ids[:, None], w) * w[None] for n, w in zip(names, func.primals)
+            )  # each [k, *param.shape]
+
+        for x, y in _batches(batches, max_batches, progress, "SOSP-I statistics"):
+            x = x.to(device)
+            with torch.no_grad():
+                logits = func.fn(x)(*func.primals)
+            p, r = _targets(logits, y)
+            n_ex, C = logits.shape
+            m = max(1, min(n_ex, _U_BUDGET // max(1, S * C)))
+            for lo in range(0, n_ex, m):
+                xm, pm, rm = x[lo : lo + m], p[lo : lo + m].to(torch.float64), r[lo : lo + m].to(torch.float64)
+                f = func.fn(xm)
+                U = torch.empty(S, xm.shape[0], C, dtype=torch.float64, device=device)  # [S, m, C]
+                for start in starts:
+                    T = tangents(start)
+                    with torch.no_grad():
+                        if T[0].shape[0] == 1:
+                            u = jvp(f, func.primals, tuple(t[0] for t in T))[1][None]
+                        else:
+                            u = vmap(lambda *t: jvp(f, func.primals, t)[1])(*T)
+                    U[start : start + u.shape[0]] = u.to(torch.float64)
+                V = (U * pm.sqrt()[None]).reshape(S, -1)  # [S, m*C]
+                W = torch.einsum("smc,mc->sm", U, pm)  # [S, m]
+                q_sum += V @ V.T - W @ W.T
+                g_sum += torch.einsum("smc,mc->s", U, rm)
+            count += n_ex
+    if count == 0:
+        raise ConfigError("no batch was seen: the data given for SOSP statistics is empty")
+    q_sum = 0.5 * (q_sum + q_sum.T)  # exactly symmetric (the matmuls are only up to rounding)
+    return SospIStats(q_sum, g_sum, count)
+
+
+def sosp_i_scores(stats: SospIStats) -> np.ndarray:
+    """``score_s = | -gdot_s + 1/2 Q_ss | + 1/2 sum_{s' != s} |Q_ss'|`` ``[S]`` float64.
+
+    The SOSP-I saliency from s's row of ``Q``: an upper bound on ``|s's share of dL(M)|`` over every
+    removal set ``M`` containing ``s`` (module docstring).
+    """
+    if stats.count < 1:
+        raise ConfigError("the SOSP-I statistics are empty (count=0): collect them with sosp_i_stats first")
+    Q = stats.q_sum.detach().cpu().to(torch.float64) / stats.count
+    gdot = stats.g_sum.detach().cpu().to(torch.float64) / stats.count
+    diag = Q.diagonal()
+    off = Q.abs().sum(dim=1) - diag.abs()
+    return ((0.5 * diag - gdot).abs() + 0.5 * off).numpy()
