@@ -4,6 +4,7 @@
                                                         --address, else starts a local cluster)
     raykfe config [-c JOB] [key=value ...]              print the resolved config (defaults filled in)
     raykfe report URI                                   print the report of a finished job
+    raykfe methods                                      list the pruning methods (prune.method)
 
 User errors print ``raykfe: error: <one line>`` and exit 2; nothing is written for a job that fails.
 """
@@ -18,7 +19,7 @@ __all__ = ["main"]
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="raykfe", description="Second-order structured pruning (EigenDamage).")
+    p = argparse.ArgumentParser(prog="raykfe", description="Second-order structured pruning (EigenDamage and its baselines).")
     sub = p.add_subparsers(dest="command", required=True)
     pr = sub.add_parser("prune", help="run a pruning job from a YAML spec")
     pr.add_argument("-c", "--config", required=True, help="job YAML, e.g. jobs/digits.yaml")
@@ -31,6 +32,7 @@ def _parser() -> argparse.ArgumentParser:
     co.add_argument("overrides", nargs="*")
     rp = sub.add_parser("report", help="print the report of a finished job")
     rp.add_argument("uri")
+    sub.add_parser("methods", help="list the pruning methods (prune.method)")
     return p
 
 
@@ -42,6 +44,13 @@ def _run(args) -> int:
     if args.command == "config":
         cfg = load_config(args.config, args.overrides)
         print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), end="")
+        return 0
+    if args.command == "methods":
+        from .methods import METHODS
+        from .report import format_table
+
+        rows = [[m.name, m.space, m.statistics, m.summary] for m in METHODS.values()]
+        print(format_table(["method", "removes", "statistics", "what it does"], rows))
         return 0
     if args.command == "report":
         from .checkpoint import read_file, read_manifest

@@ -152,9 +152,13 @@ class PruneConfig:
 
         _check(self.method in METHODS, f"{p}.method", self.method, f"choose one of {', '.join(METHODS)}")
         try:
-            parse_target(self.target)
+            tgt = parse_target(self.target)
         except ConfigError as exc:
             raise ConfigError(f"{p}.target: {exc}") from None
+        _check(tgt.kind != "directions" or METHODS[self.method].space == "kfe", f"{p}.target", self.target,
+               f"directions:F counts eigen-directions; {self.method} removes channels: use params:F or flops:F")
+        _check(tgt.kind != "directions" or self.n_rounds == 1, f"{p}.target", self.target,
+               "iterative rounds aim at params:F or flops:F")
         _check(self.max_layer_ratio is None or 0 < self.max_layer_ratio <= 1, f"{p}.max_layer_ratio",
                self.max_layer_ratio, "use a fraction in (0, 1] or null for the default")
         _check(0 < self.tolerance < 1, f"{p}.tolerance", self.tolerance, "use a fraction, e.g. 0.02")

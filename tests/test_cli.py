@@ -60,6 +60,10 @@ BAD = [
     (["base.epochs=three"], "base.epochs"),
     (["model.name=vgg_tiny", "prune.exclude=[features.0,features.4,features.8,features.12]"], "no prunable layer"),
     (["runtime=ray", "ray.address=127.0.0.1:1"], "cannot reach the Ray cluster"),
+    (["prune.method=l1", "prune.target=directions:0.5"], "removes channels"),
+    (["prune.method=kron-obs", "prune.rounds=2"], "rounds apply to eigendamage"),
+    (["prune.method=c-obs", "prune.damping=0"], "prune.damping"),
+    (["prune.method=slimming", "sparsity.bn_l1=-1"], "sparsity.bn_l1"),
 ]
 
 
@@ -91,3 +95,12 @@ def test_bad_job_files(tmp_path):
 def test_report_of_missing_result(tmp_path):
     proc = run_cli("report", str(tmp_path / "nothing"))
     assert proc.returncode == 2 and "no complete raykfe result" in proc.stderr
+
+
+def test_methods_lists_every_registered_method():
+    from raykfe.methods import METHODS
+
+    out = run_cli("methods")
+    assert out.returncode == 0, out.stderr
+    listed = [line.split()[0] for line in out.stdout.splitlines()[2:] if line.strip()]
+    assert listed == list(METHODS)
