@@ -122,3 +122,18 @@ def test_channel_method_statistics_on_two_ray_workers_equal_single_process(ray_c
             scale = max(b.abs().max().item(), 1e-30)
             assert (a - b).abs().max().item() <= 1e-5 * scale, (kind, k)  # float32 model, other batch splits
         assert int(dist["count"].reshape(-1)[0].item()) == int(local["count"].reshape(-1)[0].item()) == 64
+
+
+def test_channel_method_job_on_ray_matches_in_process_plan(ray_cluster, tmp_path, base_weights):
+    """kron-obs end to end on Ray (full-mode K-FAC on the Train workers, compensating update in the
+    driver): the same plan as the in-process job, and the result reloads."""
+    from raykfe.distributed.backend import RayBackend
+
+    ray_cfg = _tiny(tmp_path / "ray", base_weights, "kron-obs", "runtime=ray", "ray.workers=2")
+    local_cfg = _tiny(tmp_path / "local", base_weights, "kron-obs", "finetune.epochs=0")
+    ray_job = run_job(ray_cfg, RayBackend(ray_cfg), log=lambda m: None)
+    local_job = run_job(local_cfg, LocalBackend(), log=lambda m: None)
+    assert ray_job.result.plan.removed == local_job.result.plan.removed
+    assert ray_job.metrics["pruned"]["macs"] == local_job.metrics["pruned"]["macs"]
+    res = raykfe.load(str(tmp_path / "ray" / "kron-obs"))
+    assert res.plan.kind == "channels" and res.plan.method == "kron-obs"
