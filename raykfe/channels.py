@@ -27,6 +27,10 @@ Decisions:
   for such removals, and the cost model stays a function of the counts. regnet_x_400mf
   (group width 16) thus has 16 units in each of its grouped groups.
 * Depthwise convs (``groups == in == out``) are "out" members of the group that feeds them.
+* Bare per-channel ``nn.Parameter`` s (ConvNeXt's ``layer_scale``, sliced along dim 0 by
+  torch-pruning as an "unwrapped parameter"): the member names the module that OWNS the parameter
+  (``features.1.0`` for ``features.1.0.layer_scale``), so ``model.get_submodule(member.module)``
+  always works; a group is skipped if that owner has other direct parameters.
 * The classifier: the Conv/Linear layers whose output reaches the model output without passing
   another Conv/Linear keep their output channels (the classes), always; they are listed in
   ``skipped``. Their INPUTS shrink with the group that feeds them. ``include_classifier`` is
@@ -36,12 +40,17 @@ Decisions:
   "out" member is not prunable (its inputs may still shrink with the group before it). A name
   that is not a module of the model is a ConfigError.
 * Skipped as not prunable (``skipped[conv/linear name] = reason``): groups that pass a reshape
-  torch-pruning does not map channel by channel (anything but a flatten to ``[N, C*...]``), a
-  transpose/permute of a rank >= 5 tensor (the channel shuffle of ShuffleNetV2: its stream groups
-  are skipped, the groups inside each branch, the stem and ``conv5`` are pruned), an op whose
-  index mapping torch-pruning fails to build, a transposed conv, a module type raykfe cannot
-  slice (attention, LSTM, embeddings), an uneven use of the group's channels (a slice or split
-  reading only some of them), or a depthwise conv fed by the model input.
+  torch-pruning does not map channel by channel (anything but a flatten to ``[N, C*...]``, its
+  inverse ``[N, C] -> [N, C, 1, 1]``, or the views autograd puts around a Linear applied to a
+  rank > 2 input, which keep the last axis), a transpose/permute of a rank >= 5 tensor, a split
+  or chunk of the channels, an op whose index mapping torch-pruning fails to build (the model is
+  still analysed: such ops are treated as opaque and every group through them is skipped), a
+  transposed conv, a module type raykfe cannot slice (attention, LSTM, embeddings), an uneven use
+  of the group's channels, or a depthwise conv fed by the model input. ShuffleNetV2's channel
+  shuffle (view to rank 5, transpose, view back) and chunk are such ops: its stream groups cannot
+  be pruned by index coupling at all (the shuffle interleaves the two halves, and the chunk needs
+  equal halves: count constraints, not couplings), so they are skipped; the groups inside each
+  branch, the stem and ``conv5`` are pruned, which reaches flops:0.5.
 * Function preservation: zeroing every "out" slice of the removed units (conv/linear rows and
   biases, norm scales and shifts, per-channel parameters) makes those channels exactly zero
   everywhere in eval mode, and the pruned model then computes exactly the same function -- except
@@ -51,8 +60,12 @@ Decisions:
   block LayerNorms), not the MLP hidden groups.
 * Selection (:meth:`ChannelGraph.select`): global over the units of the scored groups, at most
   ``min(floor(max_layer_ratio * size), size - 1)`` units per group, the k lowest-scored units
-  removed with k the smallest at or above the target by bisection on exact costs.
-  ``directions:F`` is a KFE-only target: a ConfigError here.
+  removed with k the smallest at or above the target by bisection on exact costs (never below
+  the target: ``tolerance`` only sets ``summary["within_tolerance"]``, since one unit can be
+  coarse, e.g. a tied unit of a grouped conv). ``directions:F`` is a KFE-only target: a
+  ConfigError here.
+* The example input: only its first example is used, cast to the model's device and floating
+  dtype (a float32 ``torch.zeros(1, *shape)`` rebuilds a float64 model).
 
 Costs: params = every parameter, MACs = Conv/Linear multiply-accumulates for ONE example, as
 :func:`raykfe.counting.count` measures them; the cost model is a sum of products of two affine
@@ -689,6 +702,13 @@ class ChannelGraph:
         the scored groups), ``target`` and ``within_tolerance`` (achieved - target <= tolerance).
         """
         tgt = parse_target(target)
+        if not scores:
+            example = next(iter(self.skipped.items()), None)
+            why = f" (e.g. {example[0]}: {example[1]})" if example else ""
+            raise ConfigError(
+                f"no channel group is scored: the model has {len(self.groups)} prunable groups and {len(self.skipped)} "
+                f"skipped layers{why}; use a KFE method or another model"
+            )
         if tgt.kind == "directions":
             raise ConfigError(
                 f"target {tgt} counts eigen-directions, which only the KFE methods have: "
@@ -696,6 +716,8 @@ class ChannelGraph:
             )
         if not (0.0 < float(max_layer_ratio) <= 1.0):
             raise ConfigError(f"prune.max_layer_ratio={max_layer_ratio} must be in (0, 1]")
+        if not float(tolerance) >= 0.0:
+            raise ConfigError(f"prune.tolerance={tolerance} must be >= 0")
         metric = 1 if tgt.kind == "flops" else 0
         base = (self.base_params, self.base_macs)[metric]
         u_score, u_group, u_chan = [], [], []

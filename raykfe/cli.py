@@ -3,7 +3,9 @@
     raykfe prune -c jobs/digits.yaml [key=value ...]   run a whole job on Ray (joins RAY_ADDRESS or
                                                         --address, else starts a local cluster)
     raykfe config [-c JOB] [key=value ...]              print the resolved config (defaults filled in)
-    raykfe report URI                                   print the report of a finished job
+    raykfe sweep -c jobs/digits-sweep.yaml [key=value]  a sweep of targets / methods / fine-tuning on
+                                                        Ray Tune, with the Pareto front
+    raykfe report URI                                   print the report of a finished job or sweep
     raykfe methods                                      list the pruning methods (prune.method)
 
 User errors print ``raykfe: error: <one line>`` and exit 2; nothing is written for a job that fails.
@@ -27,6 +29,11 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--quiet", action="store_true", help="no progress bars")
     pr.add_argument("--address", default=None, help="Ray cluster to join (default: RAY_ADDRESS, else a new local one)")
     pr.add_argument("--local", action="store_true", help="run in this process without Ray (runtime=local)")
+    sw = sub.add_parser("sweep", help="sweep targets, methods and fine-tuning settings on Ray Tune")
+    sw.add_argument("-c", "--config", required=True, help="sweep YAML, e.g. jobs/digits-sweep.yaml")
+    sw.add_argument("overrides", nargs="*", help="key=value overrides, e.g. sweep.targets=[flops:0.5,flops:0.7]")
+    sw.add_argument("--quiet", action="store_true", help="no progress output")
+    sw.add_argument("--address", default=None, help="Ray cluster to join (default: RAY_ADDRESS, else a new local one)")
     co = sub.add_parser("config", help="print the resolved job config")
     co.add_argument("-c", "--config", default=None)
     co.add_argument("overrides", nargs="*")
@@ -54,12 +61,34 @@ def _run(args) -> int:
         return 0
     if args.command == "report":
         from .checkpoint import read_file, read_manifest
+        from .storage import open_uri
+        from .sweep import read_sweep
 
+        sweep = read_sweep(args.uri)
+        if sweep is not None:
+            loc = open_uri(args.uri)
+            print(loc.read_bytes("trials.md").decode())
+            print(loc.read_bytes("front.md").decode(), end="")
+            return 0
         manifest = read_manifest(args.uri)
         print(read_file(args.uri, "report.md", manifest).decode(), end="")
         return 0
     overrides = list(args.overrides) + (["progress=false"] if args.quiet else [])
-    overrides += ([f"ray.address={args.address}"] if args.address else []) + (["runtime=local"] if args.local else [])
+    overrides += [f"ray.address={args.address}"] if args.address else []
+    if args.command == "sweep":
+        from .sweep import read_sweep, run_sweep
+
+        cfg = load_config(args.config, overrides)
+        summary = run_sweep(cfg, log=lambda m: print(m, file=sys.stderr))
+        from .storage import open_uri
+
+        loc = open_uri(cfg.output.uri)
+        print(loc.read_bytes("trials.md").decode())
+        print(loc.read_bytes("front.md").decode())
+        print(f"{summary['done']} of {summary['trials']} trials finished ({summary['stopped']} stopped early by ASHA, "
+              f"{summary['errors']} failed); front plot: {cfg.output.uri.rstrip('/')}/front.png")
+        return 0
+    overrides += ["runtime=local"] if args.local else []
     cfg = load_config(args.config, overrides)
     from .pipeline import job_table, run_job
 

@@ -219,6 +219,69 @@ class RayConfig:
 
 
 @dataclass(frozen=True)
+class SweepConfig:
+    """``raykfe sweep``: the grid of trials (every combination) and how Ray Tune runs them.
+
+    ``targets``: each ``kind:F`` or a range ``kind:A..B/N`` (N evenly spaced fractions from A to B).
+    Empty ``methods`` / ``lr`` / ``epochs`` / ``weight_decay`` take the job's ``prune.method`` and
+    ``finetune.*``. ASHA stops weak trials early on validation accuracy, one rung per
+    ``grace_period * reduction_factor^k`` fine-tuning epochs.
+    """
+
+    targets: tuple[str, ...] = ("flops:0.5",)
+    methods: tuple[str, ...] = ()
+    lr: tuple[float, ...] = ()
+    epochs: tuple[int, ...] = ()
+    weight_decay: tuple[float, ...] = ()
+    asha: bool = True
+    grace_period: int = 1
+    reduction_factor: int = 2
+    max_concurrent: int | None = None  # default: as many as the cluster's resources allow
+    cpus_per_trial: float = 1.0
+    gpus_per_trial: float = 0.0
+    latency_repeats: int = 20  # timed forward passes per latency figure (median reported)
+
+    def validate(self, p: str) -> None:
+        from .methods import METHODS
+
+        _check(len(self.targets) >= 1, f"{p}.targets", list(self.targets), "give at least one target, e.g. [flops:0.5]")
+        for t in self.targets:
+            try:
+                expand_target(t)
+            except ConfigError as exc:
+                raise ConfigError(f"{p}.targets: {exc}") from None
+        for m in self.methods:
+            _check(m in METHODS, f"{p}.methods", m, f"choose from {', '.join(METHODS)}")
+        _check(all(v > 0 for v in self.lr), f"{p}.lr", list(self.lr), "use positive learning rates")
+        _check(all(v >= 1 for v in self.epochs), f"{p}.epochs", list(self.epochs), "use at least 1 epoch")
+        _check(all(v >= 0 for v in self.weight_decay), f"{p}.weight_decay", list(self.weight_decay), "use non-negative values")
+        _check(self.grace_period >= 1, f"{p}.grace_period", self.grace_period, "use at least 1 epoch")
+        _check(self.reduction_factor >= 2, f"{p}.reduction_factor", self.reduction_factor, "use 2 or more")
+        _check(self.max_concurrent is None or self.max_concurrent >= 1, f"{p}.max_concurrent", self.max_concurrent, "use 1 or more, or null")
+        _check(self.cpus_per_trial > 0, f"{p}.cpus_per_trial", self.cpus_per_trial, "use a positive CPU count")
+        _check(self.gpus_per_trial >= 0, f"{p}.gpus_per_trial", self.gpus_per_trial, "use 0 or more GPUs")
+        _check(self.latency_repeats >= 1, f"{p}.latency_repeats", self.latency_repeats, "use 1 or more")
+
+
+def expand_target(text: str) -> list[str]:
+    """``'flops:0.3..0.9/4'`` -> ``['flops:0.3', 'flops:0.5', 'flops:0.7', 'flops:0.9']``; a plain target -> [it]."""
+    if isinstance(text, str) and ".." in text:
+        kind, _, rng = text.partition(":")
+        try:
+            lo_hi, _, num = rng.partition("/")
+            lo, _, hi = lo_hi.partition("..")
+            lo, hi, n = float(lo), float(hi), int(num or 2)
+        except ValueError:
+            raise ConfigError(f"target range {text!r} is malformed: write kind:A..B/N, e.g. flops:0.3..0.9/4") from None
+        if n < 2 or not lo < hi:
+            raise ConfigError(f"target range {text!r} needs A < B and N >= 2, e.g. flops:0.3..0.9/4")
+        out = [f"{kind}:{round(lo + (hi - lo) * i / (n - 1), 6):g}" for i in range(n)]
+    else:
+        out = [text]
+    return [str(parse_target(t)) for t in out]
+
+
+@dataclass(frozen=True)
 class JobConfig:
     name: str = "job"
     seed: int = 0
@@ -235,6 +298,7 @@ class JobConfig:
     finetune: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=15, lr=0.01))
     output: OutputConfig = field(default_factory=OutputConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)  # read by `raykfe sweep` only
 
     def validate(self, p: str = "") -> None:
         _check(self.device == "cpu" or self.device.startswith("cuda"), "device", self.device, "use 'cpu' or 'cuda[:N]'")
@@ -317,7 +381,7 @@ def _build(cls, data: Any, prefix: str):
             kwargs[key] = _coerce(value, tp, full)
     if cls is JobConfig:  # sections start from the job defaults, not the section defaults
         defaults = JobConfig()
-        for key in ("base", "finetune"):
+        for key in ("base", "finetune", "sparsity"):
             if key in kwargs:
                 kwargs[key] = dataclasses.replace(getattr(defaults, key), **{k: getattr(kwargs[key], k) for k in data[key] or {}})
     return cls(**kwargs)

@@ -17,7 +17,7 @@ import json
 import random
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from typing import Callable, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -45,7 +45,7 @@ from .surgery import apply_plan
 __all__ = ["run_job", "JobResult", "job_table", "seed_everything", "ModelRecipe", "LocalBackend", "data_splits"]
 
 #: keys whose change does not make a different job (where results go, how it is shown or run)
-RUN_ONLY_KEYS = ("output", "progress", "ray", "runtime")
+RUN_ONLY_KEYS = ("output", "progress", "ray", "runtime", "sweep")
 
 
 @dataclass
@@ -144,9 +144,13 @@ class Backend(Protocol):
 
 
 class LocalBackend:
-    """Everything in this process: the reference implementation."""
+    """Everything in this process: the reference implementation. ``on_epoch(record)`` is called
+    after every fine-tuning epoch (a sweep trial reports it to Ray Tune's scheduler)."""
 
     name = "local"
+
+    def __init__(self, on_epoch: Callable[[dict], None] | None = None) -> None:
+        self.on_epoch = on_epoch
 
     def train(self, cfg, recipe, state, tcfg, stage, store):
         splits = data_splits(cfg)
@@ -156,6 +160,7 @@ class LocalBackend:
         history = run_training(
             model, make_loader(splits.train, tcfg.batch_size, shuffle=True, seed=cfg.seed + (stage == "finetune"), drop_last=True),
             tcfg, stage, store, val_loader=make_loader(splits.val, 256, shuffle=False), device=device, progress=cfg.progress,
+            on_epoch=self.on_epoch if stage == "finetune" else None,
         )
         return state_of(model), history
 
@@ -238,9 +243,9 @@ def existing_result(cfg: JobConfig) -> dict | None:
     return json.loads(read_file(cfg.output.uri, "metrics.json", manifest))
 
 
-def _open_stages(cfg: JobConfig) -> StageStore:
+def _open_stages(cfg: JobConfig, shared: Sequence[str] = ()) -> StageStore:
     """The stage store, checked to belong to this job (or cleared with ``output.overwrite``)."""
-    store = StageStore(open_uri(cfg.output.uri))
+    store = StageStore(open_uri(cfg.output.uri), fallbacks=[StageStore(open_uri(u)) for u in shared])
     mine = config_to_dict(cfg)
     stored_text = store.load_text("config.yaml")
     if stored_text is not None:
@@ -269,6 +274,7 @@ class _Stages:
     resumed: dict
     timings: dict
     example: torch.Tensor
+    statistics_only: bool = False  # stop once the target-independent stages are stored
 
     def tick(self, key: str, t0: float) -> None:
         self.timings[key] = self.timings.get(key, 0.0) + time.perf_counter() - t0
@@ -357,6 +363,8 @@ def _prune_kfe(job: _Stages, model: nn.Module, recipe: "ModelRecipe", adapters: 
             scored = {n: by_target[t] for n, t in names.items()}
             store.save(eigen_stage, {f"{names[n]}::{k}": getattr(s.basis, k) for n, s in scored.items() for k in ("QA", "lA", "QS", "lS")})
         job.tick("eigen", t0)
+        if job.statistics_only:
+            return None
 
         t0 = time.perf_counter()
         if rounds == 1:
@@ -416,6 +424,8 @@ def _prune_channels(job: _Stages, model: nn.Module, recipe: "ModelRecipe", info:
         max_factor_dim=cfg.stats.max_factor_dim,
     )
     job.tick("statistics", t0)
+    if job.statistics_only:
+        return None
 
     t0 = time.perf_counter()
     plan_text = store.load_text("plan.json")
@@ -445,8 +455,23 @@ def _prune_channels(job: _Stages, model: nn.Module, recipe: "ModelRecipe", info:
     return pruned, plan
 
 
-def run_job(cfg: JobConfig, backend: Backend | None = None, *, log=print) -> JobResult:
-    """Run ``cfg`` end to end on ``backend`` (default: in-process); returns the metrics."""
+def _prepared(cfg: JobConfig, base_test: dict, base_val: dict, reused: list, timings: dict) -> JobResult:
+    """What a job stopped early (``stop_after``) returns: the base model's figures."""
+    metrics = {"name": cfg.name, "method": cfg.prune.method, "prepared": True, "reused_stages": reused, "timings": timings,
+               "base": {"test_acc": base_test["accuracy"], "val_acc": base_val["accuracy"]}}
+    return JobResult(cfg, metrics, None, timings=timings)
+
+
+def run_job(
+    cfg: JobConfig, backend: Backend | None = None, *, log=print, shared: Sequence[str] = (), stop_after: str | None = None
+) -> JobResult:
+    """Run ``cfg`` end to end on ``backend`` (default: in-process); returns the metrics.
+
+    ``shared``: URIs of other jobs' outputs whose finished stages (base model, statistics,
+    eigenbases) this job reuses instead of computing them (a sweep's trials). ``stop_after=
+    "base"`` / ``"statistics"`` stops once the base model / every target-independent stage is
+    stored (a sweep's driver).
+    """
     backend = backend or LocalBackend()
     done = existing_result(cfg)
     if done is not None:
@@ -470,7 +495,7 @@ def run_job(cfg: JobConfig, backend: Backend | None = None, *, log=print) -> Job
         _load_base_weights(model, cfg.model.weights)
     if hasattr(backend, "prepare"):
         backend.prepare()  # e.g. join the Ray cluster: an unreachable one fails before anything is written
-    store = _open_stages(cfg)
+    store = _open_stages(cfg, shared)
     val_loader = make_loader(splits.val, 256, shuffle=False)
     test_loader = make_loader(splits.test, 256, shuffle=False)
     timings["data"] = time.perf_counter() - t0
@@ -497,6 +522,8 @@ def run_job(cfg: JobConfig, backend: Backend | None = None, *, log=print) -> Job
     model.to(device)
     base_test = evaluate(model, test_loader, device=device)
     base_val = evaluate(model, val_loader, device=device)
+    if stop_after == "base":
+        return _prepared(cfg, base_test, base_val, reused, timings)
 
     info = method_info(p.method)
     if info.statistics == "bn-sparsity":  # network slimming: L1 sparsity training of the BN scales first
@@ -513,13 +540,18 @@ def run_job(cfg: JobConfig, backend: Backend | None = None, *, log=print) -> Job
             store.save("sparsity", state_of(model), {})
         timings["sparsity"] = time.perf_counter() - t0
 
-    job = _Stages(cfg, backend, store, log, reused, resumed, timings, example)
+    job = _Stages(cfg, backend, store, log, reused, resumed, timings, example, stop_after == "statistics")
     model.cpu()
     if info.space == "kfe":
-        pruned, plan, stats = _prune_kfe(job, model, recipe, adapters, skipped)
+        out = _prune_kfe(job, model, recipe, adapters, skipped)
     else:
-        pruned, plan = _prune_channels(job, model, recipe, info)
-        stats = None
+        out = _prune_channels(job, model, recipe, info)
+    if out is None:  # stop_after="statistics"
+        return _prepared(cfg, base_test, base_val, reused, timings)
+    if info.space == "kfe":
+        pruned, plan, stats = out
+    else:
+        (pruned, plan), stats = out, None
     pruned.to(device)
     pruned_before = evaluate(pruned, test_loader, device=device)
 

@@ -32,15 +32,23 @@ def _sha(data: bytes) -> str:
 
 
 class StageStore:
-    def __init__(self, loc: Location, prefix: str = "stages") -> None:
+    """Stages under ``<loc>/<prefix>``. ``fallbacks`` are other (read-only) stores whose finished
+    whole stages count as this one's: a sweep's trials read the base model, statistics and
+    eigenbases its driver computed once (:mod:`raykfe.sweep`); everything is written here."""
+
+    def __init__(self, loc: Location, prefix: str = "stages", fallbacks: "list[StageStore] | None" = None) -> None:
         self.loc = loc
         self.prefix = prefix
+        self.fallbacks = list(fallbacks or [])
 
     def _p(self, name: str) -> str:
         return f"{self.prefix}/{name}"
 
     # --- whole stages -----------------------------------------------------------------------
     def has(self, stage: str) -> bool:
+        return self.has_own(stage) or any(f.has(stage) for f in self.fallbacks)
+
+    def has_own(self, stage: str) -> bool:
         return self.loc.exists(self._p(f"{stage}.json"))
 
     def save(self, stage: str, tensors: dict[str, torch.Tensor], meta: Any = None) -> None:
@@ -54,6 +62,10 @@ class StageStore:
     def load(self, stage: str) -> tuple[dict[str, torch.Tensor], Any]:
         from safetensors.torch import load as st_load
 
+        if not self.has_own(stage):
+            for f in self.fallbacks:
+                if f.has(stage):
+                    return f.load(stage)
         marker = json.loads(self.loc.read_bytes(self._p(f"{stage}.json")))
         data = self.loc.read_bytes(self._p(f"{stage}.safetensors"))
         if _sha(data) != marker["sha256"]:

@@ -1,10 +1,13 @@
 """Dependency-aware channel surgery (raykfe.channels) on a hand-built model and nine torchvision
-architectures (num_classes=10, random weights, float64, eval mode, random BatchNorm statistics):
+architectures (num_classes=10, random weights, float64, eval mode, 1x3x32x32 inputs, BatchNorm
+statistics measured on random images then perturbed):
 
 * groups and costs of a toy conv-bn-relu / residual / flatten->Linear model, checked by hand;
 * per architecture: the surgery keeps the output shape and ``cost()`` equals ``count()`` of the
   rebuilt model; function preservation (zero the removed channels' parameter slices in the
-  ORIGINAL model, then removing them changes nothing); L1 selection meets ``flops:0.5`` within two
+  ORIGINAL model, then removing them changes nothing, to 1e-8 relative; removing the NEXT unit of
+  each group instead must change the outputs, so the check has teeth; ConvNeXt: the MLP hidden
+  groups only, see ``exact_groups``); L1 selection meets ``flops:0.5`` within two
   points with the rebuilt model measuring what the summary says; a fresh base model + the removed
   indices + a safetensors round trip of the weights reproduces the pruned model exactly;
 * bad input: KFE-only target, unreachable target, unknown names -> one-line ConfigError.
@@ -27,6 +30,10 @@ from raykfe.errors import ConfigError
 
 DT = torch.float64
 
+# One intra-op thread (the repo's conftest fixture): on the 2 shared cores, float64 depthwise
+# convs with 2 threads were measured 250x slower (0.77 s vs 3 ms per 7x7 conv call at 8x8).
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 # --------------------------------------------------------------------------------------------
 # helpers
@@ -34,18 +41,30 @@ DT = torch.float64
 
 
 @torch.no_grad()
-def randomise(model: nn.Module, seed: int = 0) -> nn.Module:
+def randomise(model: nn.Module, seed: int = 0, size: int = 32) -> nn.Module:
     """Non-trivial norm statistics and affine parameters (and ConvNeXt's layer scales, 1e-6 at
-    init), so that zeroed or misplaced channels would show in the outputs."""
+    init), so that zeroed or misplaced channels show in the outputs. The BatchNorm statistics are
+    first measured on random images, then perturbed: with arbitrary statistics the signal of the
+    early layers dies out in eval mode (in efficientnet_b0 the output then moved by 1e-14 when
+    the input changed) and a wrong channel would go unnoticed."""
     g = torch.Generator().manual_seed(seed)
 
     def u(t, lo, hi):
         return (torch.rand(t.shape, generator=g, dtype=t.dtype) * (hi - lo) + lo).to(t)
 
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average: the statistics of this one batch
+    model.train()
+    model(torch.randn(4, 3, size, size, generator=g, dtype=DT))
+    model.eval()
+    for m, mom in zip(bns, momenta):
+        m.momentum = mom
+        m.running_mean.add_(u(m.running_mean, -0.2, 0.2) * m.running_var.sqrt())
+        m.running_var.mul_(u(m.running_var, 0.5, 2.0))
     for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.running_mean.copy_(u(m.running_mean, -0.2, 0.2))
-            m.running_var.copy_(u(m.running_var, 0.5, 2.0))
         if isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)) and m.weight is not None:
             m.weight.copy_(u(m.weight, 0.5, 1.5))
             m.bias.copy_(u(m.bias, -0.2, 0.2))
@@ -162,7 +181,7 @@ def toy_cost(ra: int, rb: int) -> tuple[int, int]:
 
 def test_toy_groups_and_costs_by_hand():
     torch.manual_seed(0)
-    model = randomise(Toy().to(DT).eval())
+    model = randomise(Toy().to(DT).eval(), size=4)
     x = torch.randn(2, 3, 4, 4, dtype=DT)
     graph = ChannelGraph(model, x)
     assert [g.name for g in graph.groups] == ["conv_a", "conv_b"]
@@ -239,6 +258,12 @@ def test_architecture(arch):
         assert torch.equal(zeroed(x), y_zeroed)  # the input model is untouched
     assert y_pruned.shape == y_zeroed.shape == (2, 10)
     assert_close_rel(y_pruned, y_zeroed)
+    rel_err = float((y_pruned - y_zeroed).abs().max()) / max(1.0, float(y_zeroed.abs().max()))
+    # the check has teeth: removing the NEXT unit of each group instead changes the outputs
+    shifted = {n: sorted({(i + 1) % graph.group(n).size for i in v}) for n, v in removed.items()}
+    with torch.no_grad():
+        wrong = apply_channels(zeroed, x, shifted)(x)
+    assert float((wrong - y_zeroed).abs().max()) > 1e4 * 1e-8 * max(1.0, float(y_zeroed.abs().max()))
     counts = {k: len(v) for k, v in removed.items()}
     assert counted(pruned, x[:1]) == graph.cost(counts)
     del zeroed, pruned
@@ -280,7 +305,7 @@ def test_architecture(arch):
         assert torch.equal(rebuilt(x), pruned(x))
     print(f"\n{arch}: {len(graph.groups)} groups, {len(graph.skipped)} skipped, flops removed "
           f"{summary['achieved']:.4f}, params removed {1 - summary['params'] / graph.base_params:.4f}, "
-          f"{time.perf_counter() - t0:.1f} s")
+          f"surgery error {rel_err:.1e}, {time.perf_counter() - t0:.1f} s")
 
 
 def test_regnet_grouped_convs_are_tied():
@@ -339,6 +364,7 @@ def test_bad_input(resnet18_graph):
     one_line_error(lambda: apply_channels(model, torch.zeros(1, 3, 32, 32), {"conv1": list(range(64))}), "keep at least one")
     one_line_error(lambda: apply_channels(model, torch.zeros(1, 3, 32, 32), {"conv1": [64]}), "outside")
     one_line_error(lambda: ChannelPlan.from_dict({"kind": "kfe"}), "kind")
+    one_line_error(lambda: graph.select({}, "flops:0.5"), "no channel group is scored")
 
 
 def test_exclude_and_ties(resnet18_graph):
