@@ -94,7 +94,7 @@ def _trial(config: dict, setup: dict) -> None:
     shared = [setup["families"][family_of(config["method"], cfg.stats.conv_mode)], setup["base_uri"]]
 
     def on_epoch(rec: dict) -> None:
-        tune.report({"val_acc": rec["val_acc"], "epoch": rec["epoch"], "done": False})
+        tune.report({"val_acc": rec["val_acc"], "epoch": rec["epoch"], "finished": False})
 
     job = run_job(cfg, LocalBackend(on_epoch=on_epoch), log=lambda m: None, shared=shared)
     m = job.metrics
@@ -112,7 +112,7 @@ def _trial(config: dict, setup: dict) -> None:
         "test_acc_before_finetune": m["pruned"]["test_acc_before_finetune"], "macs": m["pruned"]["macs"],
         "params": m["pruned"]["params"], "macs_reduction": m["macs_reduction"], "params_reduction": m["params_reduction"],
         "latency_ms": lat1, "latency_ms_32": lat32, "reused_stages": ",".join(m.get("reused_stages", [])),
-        "uri": uri, "done": True, "epoch": config["epochs"],
+        "uri": uri, "finished": True, "epoch": config["epochs"],
     })
 
 
@@ -224,7 +224,7 @@ def run_sweep(cfg: JobConfig, *, log=print) -> dict:
         met = r.metrics or {}
         if r.error is not None:
             status = "error: " + (str(r.error).strip().splitlines() or [type(r.error).__name__])[-1][:120]
-        elif met.get("done"):
+        elif met.get("finished"):
             status = "done"
         else:
             status = f"stopped by ASHA after epoch {met.get('epoch', '?')}"
