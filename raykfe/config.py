@@ -240,6 +240,7 @@ class SweepConfig:
     cpus_per_trial: float = 1.0
     gpus_per_trial: float = 0.0
     latency_repeats: int = 20  # timed forward passes per latency figure (median reported)
+    share_statistics: bool = True  # false: every trial recomputes its statistics (to measure what sharing saves)
 
     def validate(self, p: str) -> None:
         from .methods import METHODS

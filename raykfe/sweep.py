@@ -91,7 +91,9 @@ def _trial(config: dict, setup: dict) -> None:
     d["output"] = {"uri": uri, "overwrite": False}
     d["runtime"], d["progress"] = "local", False
     cfg = config_from_dict(d)
-    shared = [setup["families"][family_of(config["method"], cfg.stats.conv_mode)], setup["base_uri"]]
+    shared = [setup["base_uri"]]
+    if setup["share"]:
+        shared.insert(0, setup["families"][family_of(config["method"], cfg.stats.conv_mode)])
 
     def on_epoch(rec: dict) -> None:
         tune.report({"val_acc": rec["val_acc"], "epoch": rec["epoch"], "finished": False})
@@ -184,12 +186,12 @@ def run_sweep(cfg: JobConfig, *, log=print) -> dict:
         return None
 
     t0 = time.perf_counter()
-    base_uri, families, base_row = _prepare(cfg, backend_for, methods, uri, log)
+    base_uri, families, base_row = _prepare(cfg, backend_for, methods if s.share_statistics else [], uri, log)
     prepare_s = time.perf_counter() - t0
 
     setup = {
         "job": config_to_dict(cfg), "uri": uri, "base_uri": base_uri, "families": families,
-        "threads": s.cpus_per_trial, "repeats": s.latency_repeats,
+        "threads": s.cpus_per_trial, "repeats": s.latency_repeats, "share": s.share_statistics,
     }
     trainable = tune.with_resources(tune.with_parameters(_trial, setup=setup), {"cpu": s.cpus_per_trial, "gpu": s.gpus_per_trial})
     space = {k: tune.grid_search(sorted({t[k] for t in grid}, key=[t[k] for t in grid].index)) for k in ("method", "target", "lr", "epochs", "weight_decay")}
