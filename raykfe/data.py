@@ -39,27 +39,45 @@ Datasets
     seeded, low-frequency random pattern, each example that pattern plus Gaussian noise. Split
     like digits. Learnable by a small CNN in a few epochs.
 
+Object storage
+--------------
+``root`` of ``cifar10`` / ``cifar100`` / ``imagefolder`` may be an ``s3://`` or ``gs://`` URI
+(S3-compatible servers: ``?endpoint_override=http://host:port&scheme=http&region=...``; credentials
+from the environment, a URI carrying them is refused). The files the loader needs (the CIFAR batches
+and meta file, or every ``train|val/<class>/<image>``) are mirrored file by file into a local cache,
+``$RAYKFE_DATA_CACHE/<sha>`` (default base ``~/.cache/raykfe/data``; ``<sha>`` = 16 hex digits of
+the SHA-256 of the URI without credentials), each written to a temporary name and renamed, and a
+file already cached with the remote's size is not copied again. Loading then reads the local copy.
+When the remote cannot be listed or lacks files, a complete earlier mirror of the same URI is used
+with a warning; otherwise a one-line :class:`DataError` names ``data.root`` and what is missing.
+
 All randomness (splits, synthetic data) comes from ``seed``; the same seed gives the same splits.
 Augmentation draws from torch's global RNG in the loading process.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
+import logging
 import math
 import os
 import pickle
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from raykfe.errors import ConfigError, DataError
+from raykfe.errors import ConfigError, DataError, RaykfeError
 
-__all__ = ["DataSplits", "load_data", "make_loader", "list_datasets"]
+__all__ = ["DataSplits", "load_data", "make_loader", "list_datasets", "data_cache_dir", "is_remote_root"]
 
 _CIFAR_STATS = {
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
@@ -395,6 +413,13 @@ def _read_cifar_batches(
     return images, torch.from_numpy(np.concatenate(labels))
 
 
+def _cifar_files(name: str) -> tuple[str, list[str], list[str], str]:
+    """``(folder name, train batch files, test batch files, meta file)`` of the official archive."""
+    if name == "cifar10":
+        return "cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"], "batches.meta"
+    return "cifar-100-python", ["train"], ["test"], "meta"
+
+
 def _load_cifar(
     name: str,
     root: str | None,
@@ -405,16 +430,8 @@ def _load_cifar(
     augment: bool,
     num_classes: int | None,
 ) -> DataSplits:
-    if name == "cifar10":
-        folder_name, train_files, test_files = (
-            "cifar-10-batches-py",
-            [f"data_batch_{i}" for i in range(1, 6)],
-            ["test_batch"],
-        )
-        label_key, meta_file, k = "labels", "batches.meta", 10
-    else:
-        folder_name, train_files, test_files = "cifar-100-python", ["train"], ["test"]
-        label_key, meta_file, k = "fine_labels", "meta", 100
+    folder_name, train_files, test_files, meta_file = _cifar_files(name)
+    label_key, k = ("labels", 10) if name == "cifar10" else ("fine_labels", 100)
     _check_num_classes(name, num_classes, k)
     what = f"the extracted '{folder_name}' folder"
     base = _resolve_root(name, root, what)
@@ -540,6 +557,236 @@ def _load_imagefolder(
     )
 
 
+# --------------------------------------------------------------------------- object-storage roots
+
+_REMOTE_SCHEMES = ("s3", "gs", "gcs")
+_CACHE_ENV = "RAYKFE_DATA_CACHE"
+_DEFAULT_CACHE = "~/.cache/raykfe/data"
+_MIRROR_MANIFEST = ".raykfe-mirror.json"
+_COPY_CHUNK = 4 << 20  # bytes per read while copying one object
+# Query options that would carry a secret (pyarrow accepts access_key / secret_key / session_token)
+_SECRET_WORDS = ("key", "secret", "token", "password", "credential", "signature")
+
+_log = logging.getLogger(__name__)
+
+
+def is_remote_root(root: Any) -> bool:
+    """True for an ``s3://`` / ``gs://`` data root (mirrored into the local cache before loading)."""
+    return isinstance(root, str) and urlsplit(root).scheme.lower() in _REMOTE_SCHEMES
+
+
+def _secret_in(uri: str) -> bool:
+    parts = urlsplit(uri)
+    if parts.username or parts.password:
+        return True
+    keys = [k.lower() for k, _ in parse_qsl(parts.query, keep_blank_values=True)]
+    return any(word in k for k in keys for word in _SECRET_WORDS)
+
+
+def _public_uri(uri: str) -> str:
+    """``uri`` without user info or secret-bearing query options, path and query normalised.
+
+    This is the only form of a remote root that appears in messages, in the cache path (hashed)
+    and in the cache's manifest.
+    """
+    parts = urlsplit(uri)
+    host = parts.hostname or ""
+    if parts.port is not None:
+        host = f"{host}:{parts.port}"
+    query = sorted(
+        (k, v)
+        for k, v in parse_qsl(parts.query, keep_blank_values=True)
+        if not any(word in k.lower() for word in _SECRET_WORDS)
+    )
+    return urlunsplit((parts.scheme.lower(), host, parts.path.rstrip("/"), urlencode(query, safe=":/"), ""))
+
+
+def data_cache_dir(uri: str) -> Path:
+    """The local mirror of a remote data root: ``$RAYKFE_DATA_CACHE/<sha>`` (default base
+    ``~/.cache/raykfe/data``), ``<sha>`` = the first 16 hex digits of the SHA-256 of the URI
+    without credentials."""
+    base = os.environ.get(_CACHE_ENV) or _DEFAULT_CACHE
+    digest = hashlib.sha256(_public_uri(uri).encode()).hexdigest()[:16]
+    return Path(base).expanduser() / digest
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _remote_cifar(name: str, loc: Any) -> tuple[dict[str, int], list[str]]:
+    """``({relative path: size}, [missing relative paths])`` of a CIFAR root on object storage.
+
+    Like a local root, the URI may name the folder that holds ``cifar-10-batches-py`` /
+    ``cifar-100-python`` or that folder itself.
+    """
+    import pyarrow.fs as pafs
+
+    folder_name, train_files, test_files, meta_file = _cifar_files(name)
+    needed = [*train_files, *test_files, meta_file]
+    layouts = (needed, [f"{folder_name}/{f}" for f in needed])
+    infos = loc.fs.get_file_info([loc.path(rel) for layout in layouts for rel in layout])
+    size = {
+        rel: int(info.size)
+        for rel, info in zip([r for layout in layouts for r in layout], infos)
+        if info.type == pafs.FileType.File
+    }
+    rels = layouts[0] if layouts[0][0] in size else layouts[1]
+    return {r: size[r] for r in rels if r in size}, [r for r in rels if r not in size]
+
+
+def _remote_imagefolder(loc: Any) -> tuple[dict[str, int], list[str]]:
+    """Every ``train|val/<class>/<image>`` under an ImageFolder root on object storage."""
+    import pyarrow.fs as pafs
+
+    files: dict[str, int] = {}
+    prefix = f"{loc.root}/" if loc.root else ""
+    for split in ("train", "val"):
+        selector = pafs.FileSelector(loc.path(split), recursive=True, allow_not_found=True)
+        for info in loc.fs.get_file_info(selector):
+            if info.type != pafs.FileType.File or not info.path.startswith(prefix):
+                continue
+            rel = info.path[len(prefix):]
+            parts = rel.split("/")
+            if len(parts) == 3 and Path(parts[2]).suffix.lower() in _IMAGE_SUFFIXES:
+                files[rel] = int(info.size)
+    has_train = any(rel.startswith("train/") for rel in files)
+    return files, ([] if has_train else ["train/<class>/*.png|jpg"])
+
+
+def _cached_mirror(cache: Path, public: str) -> bool:
+    """True when ``cache`` holds a complete earlier mirror of ``public`` (every file, its size)."""
+    try:
+        record = json.loads((cache / _MIRROR_MANIFEST).read_text())
+        if record.get("uri") != public:
+            return False
+        return all(
+            (cache / rel).is_file() and (cache / rel).stat().st_size == size
+            for rel, size in record["files"].items()
+        )
+    except (OSError, ValueError, KeyError, AttributeError, TypeError):
+        return False
+
+
+@contextlib.contextmanager
+def _cache_lock(cache: Path) -> Iterator[None]:
+    """An exclusive lock on ``cache`` among the processes of this machine (no-op without fcntl)."""
+    cache.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    with open(cache / ".lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _write_atomic(dest: Path, data: bytes) -> None:
+    tmp = dest.with_name(f".{dest.name}.part-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, dest)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _copy_object(loc: Any, rel: str, size: int, dest: Path, name: str, public: str) -> None:
+    """Copy one object to ``dest`` through a temporary sibling renamed only once complete."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.part-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        written = 0
+        with loc.fs.open_input_stream(loc.path(rel)) as src, open(tmp, "wb") as dst:
+            while True:
+                chunk = src.read(_COPY_CHUNK)
+                if not chunk:
+                    break
+                dst.write(chunk)
+                written += len(chunk)
+        if written != size:
+            raise DataError(
+                f"{name}: data.root '{public}': '{rel}' changed while it was copied "
+                f"({written} of {size} bytes): run the job again"
+            )
+        os.replace(tmp, dest)
+    except RaykfeError:
+        tmp.unlink(missing_ok=True)
+        raise
+    except BaseException as exc:
+        tmp.unlink(missing_ok=True)
+        if isinstance(exc, Exception):
+            raise DataError(
+                f"{name}: cannot copy '{rel}' from data.root '{public}': {_first_line(exc)} "
+                "(check the URI, the endpoint and the credentials)"
+            ) from None
+        raise
+
+
+def _mirror_remote_root(name: str, uri: str) -> str:
+    """Mirror the files ``name``'s loader needs from ``uri`` into the local cache; its path.
+
+    File by file, each written atomically; a file already cached with the remote size is not
+    copied again. When the remote cannot be listed or lacks files, a complete earlier mirror of the
+    same URI is used (with a warning); otherwise a one-line :class:`DataError`.
+    """
+    from raykfe.storage import open_uri
+
+    if _secret_in(uri):
+        raise DataError(
+            f"{name}: data.root for bucket '{urlsplit(uri).hostname}' carries credentials: remove them "
+            "from the URI and set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or "
+            "GOOGLE_APPLICATION_CREDENTIALS) in the environment"
+        )
+    public = _public_uri(uri)
+    cache = data_cache_dir(uri)
+    if name in ("cifar10", "cifar100"):
+        folder_name = _cifar_files(name)[0]
+        what = f"the extracted '{folder_name}' folder (or its files)"
+    else:
+        what = "an ImageFolder tree train/<class>/*.png|jpg (and optionally val/<class>/...)"
+    try:
+        loc = open_uri(uri)
+        files, missing = _remote_cifar(name, loc) if name != "imagefolder" else _remote_imagefolder(loc)
+        problem = f"missing {', '.join(missing)}" if missing else ""
+        if name != "imagefolder" and not files:
+            problem = f"no '{_cifar_files(name)[0]}' folder or files there"
+    except Exception as exc:  # StorageError, or pyarrow's OSError / ArrowException
+        files, problem = {}, f"cannot be listed: {_first_line(exc)}"
+    if not problem:
+        with _cache_lock(cache):  # the Train workers of one node copy each file once, not once each
+            for rel, size in sorted(files.items()):
+                dest = cache / rel
+                if not (dest.is_file() and dest.stat().st_size == size):
+                    _copy_object(loc, rel, size, dest, name, public)
+            if name == "imagefolder":  # images deleted on the remote leave the mirror too
+                for split in ("train", "val"):
+                    for path in (cache / split).glob("*/*") if (cache / split).is_dir() else ():
+                        rel = path.relative_to(cache).as_posix()
+                        if path.is_file() and path.suffix.lower() in _IMAGE_SUFFIXES and rel not in files:
+                            path.unlink(missing_ok=True)
+            record = {"uri": public, "files": dict(sorted(files.items()))}
+            _write_atomic(cache / _MIRROR_MANIFEST, json.dumps(record, indent=1).encode())
+        return str(cache)
+    if _cached_mirror(cache, public):
+        _log.warning("raykfe: data.root '%s' %s; using the earlier copy in %s", public, problem, cache)
+        return str(cache)
+    if problem.startswith("cannot"):
+        raise DataError(
+            f"{name}: data.root '{public}' {problem}: check the URI, the endpoint and the credentials "
+            "(AWS_* / GOOGLE_APPLICATION_CREDENTIALS in the environment)"
+        )
+    raise DataError(
+        f"{name} data not found at data.root '{public}' ({problem}): put {what} there "
+        "(raykfe never downloads data)"
+    )
+
+
 _DATASETS = ("cifar10", "cifar100", "digits", "imagefolder", "synthetic")
 
 
@@ -600,6 +847,8 @@ def load_data(
             test_fraction=test_fraction,
             shift=2 if augment else 0,
         )
+    if name in ("cifar10", "cifar100", "imagefolder") and is_remote_root(root):
+        root = _mirror_remote_root(name, root)
     if name in ("cifar10", "cifar100"):
         return _load_cifar(
             name,

@@ -336,3 +336,192 @@ def test_make_loader_batches_and_seeding() -> None:
     assert torch.equal(plain, splits.train.labels)
     with pytest.raises(ConfigError):
         make_loader(splits.train, 0, shuffle=False)
+
+
+# --------------------------------------------------------------------------- object storage
+# data.root as an s3:// URI on the suite's loopback moto server: the loader's files are mirrored into
+# a local cache (RAYKFE_DATA_CACHE) and loaded from there exactly as from a local root.
+
+
+def _upload_tree(server, local: Path, prefix: str) -> list[str]:
+    """Upload every file under ``local`` to ``<bucket>/<prefix>/<relative path>``; the keys."""
+    client = server.client()
+    keys = []
+    for path in sorted(p for p in local.rglob("*") if p.is_file()):
+        key = f"{prefix}/{path.relative_to(local).as_posix()}"
+        client.put_object(Bucket=server.bucket, Key=key, Body=path.read_bytes())
+        keys.append(key)
+    return keys
+
+
+def _same_splits(a: DataSplits, b: DataSplits) -> None:
+    assert (a.num_classes, a.input_shape, a.name) == (b.num_classes, b.input_shape, b.name)
+    for sa, sb in ((a.train, b.train), (a.val, b.val), (a.test, b.test)):
+        assert len(sa) == len(sb)
+        assert torch.equal(sa.indices, sb.indices) and torch.equal(sa.labels, sb.labels)
+        for i in range(len(sa)):
+            if sa is a.train:  # augmentation draws at random: compare the stored examples
+                torch.manual_seed(i)
+                xa = sa[i][0]
+                torch.manual_seed(i)
+                xb = sb[i][0]
+            else:
+                xa, xb = sa[i][0], sb[i][0]
+            assert torch.equal(xa, xb)
+
+
+@pytest.fixture
+def data_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("RAYKFE_DATA_CACHE", str(cache))
+    return cache
+
+
+def _no_secret_in(*texts: str) -> None:
+    import os
+
+    secret = os.environ["AWS_SECRET_ACCESS_KEY"]  # the s3_server fixture's random fake secret
+    for text in texts:
+        assert secret not in text
+
+
+def test_cifar10_from_s3_is_mirrored_and_cached(s3_server, tmp_path: Path, data_cache: Path, caplog) -> None:
+    import uuid
+
+    from raykfe.data import data_cache_dir
+
+    local = tmp_path / "local"
+    _fake_cifar10(local)
+    prefix = f"datasets/{uuid.uuid4().hex}"
+    keys = _upload_tree(s3_server, local, prefix)
+    uri = s3_server.uri(prefix)
+
+    want = load_data("cifar10", root=str(local), val_fraction=0.2, augment=True, seed=3)
+    got = load_data("cifar10", root=uri, val_fraction=0.2, augment=True, seed=3)
+    _same_splits(got, want)
+
+    cache = data_cache_dir(uri)
+    assert cache.parent == data_cache
+    folder = cache / "cifar-10-batches-py"
+    names = sorted(p.name for p in folder.iterdir())
+    assert names == sorted(p.name for p in (local / "cifar-10-batches-py").iterdir())  # no temp files
+    for name in names:
+        assert (folder / name).read_bytes() == (local / "cifar-10-batches-py" / name).read_bytes()
+    _no_secret_in(str(cache), *(p.read_text(errors="replace") for p in cache.glob(".*")))
+
+    # a second load copies nothing: every cached file has the remote's size
+    before = {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in folder.iterdir()}
+    _same_splits(load_data("cifar10", root=uri, val_fraction=0.2, augment=True, seed=3), want)
+    assert {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in folder.iterdir()} == before
+
+    # the remote loses a file: the complete earlier mirror is used, with a warning
+    s3_server.client().delete_object(Bucket=s3_server.bucket, Key=next(k for k in keys if k.endswith("test_batch")))
+    with caplog.at_level("WARNING", logger="raykfe.data"):
+        again = load_data("cifar10", root=uri, val_fraction=0.2, augment=True, seed=3)
+    _same_splits(again, want)
+    assert any("test_batch" in r.getMessage() and str(cache) in r.getMessage() for r in caplog.records)
+
+    # ... but without that mirror the missing file is a one-line error naming data.root
+    import shutil
+
+    shutil.rmtree(cache)
+    with pytest.raises(DataError) as info:
+        load_data("cifar10", root=uri, val_fraction=0.2)
+    msg = str(info.value)
+    assert "data.root" in msg and prefix in msg and "test_batch" in msg and "\n" not in msg
+    _no_secret_in(msg)
+
+
+def test_cifar100_from_s3_batches_folder_itself(s3_server, tmp_path: Path, data_cache: Path) -> None:
+    import uuid
+
+    folder = tmp_path / "cifar-100-python"
+    folder.mkdir()
+    rng = np.random.default_rng(2)
+    data = rng.integers(0, 256, size=(12, 3072), dtype=np.uint8)
+    fine = [int(v) for v in rng.integers(0, 100, size=12)]
+    _write_pickle(folder / "train", {"data": data, "fine_labels": fine})
+    _write_pickle(folder / "test", {"data": data[:3], "fine_labels": fine[:3]})
+    _write_pickle(folder / "meta", {"fine_label_names": [str(i) for i in range(100)]})
+    prefix = f"datasets/{uuid.uuid4().hex}/cifar-100-python"  # the URI names the batches folder
+    _upload_tree(s3_server, folder, prefix)
+    got = load_data("cifar100", root=s3_server.uri(prefix), val_fraction=0.25)
+    _same_splits(got, load_data("cifar100", root=str(folder), val_fraction=0.25))
+
+
+def test_imagefolder_from_s3_follows_the_remote(s3_server, tmp_path: Path, data_cache: Path) -> None:
+    import uuid
+
+    from raykfe.data import data_cache_dir
+
+    local = tmp_path / "local"
+    _image_tree(local, "train", per_class=5)
+    _image_tree(local, "val", per_class=2, ext="jpg")
+    prefix = f"datasets/{uuid.uuid4().hex}/tiny-imagenet"
+    keys = _upload_tree(s3_server, local, prefix)
+    uri = s3_server.uri(prefix)
+    got = load_data("imagefolder", root=uri, image_size=8, val_fraction=0.2)
+    _same_splits(got, load_data("imagefolder", root=str(local), image_size=8, val_fraction=0.2))
+    cache = data_cache_dir(uri)
+    assert not list(cache.rglob("notes.txt"))  # only what the loader reads is copied
+    assert all(cache in p.parents for p in got.test.paths)
+
+    # an image deleted on the remote leaves the mirror as well
+    gone = next(k for k in keys if k.endswith("train/banana/0.png"))
+    s3_server.client().delete_object(Bucket=s3_server.bucket, Key=gone)
+    (local / "train" / "banana" / "0.png").unlink()
+    again = load_data("imagefolder", root=uri, image_size=8, val_fraction=0.2)
+    assert not (cache / "train" / "banana" / "0.png").exists()
+    _same_splits(again, load_data("imagefolder", root=str(local), image_size=8, val_fraction=0.2))
+
+
+def test_s3_root_errors_are_one_line_and_keep_secrets(s3_server, data_cache: Path) -> None:
+    import os
+
+    with pytest.raises(DataError) as info:
+        load_data("cifar10", root=s3_server.uri("no/such/folder"))
+    msg = str(info.value)
+    assert "data.root" in msg and "no/such/folder" in msg and "cifar-10-batches-py" in msg
+    assert "never downloads" in msg and "\n" not in msg
+    with pytest.raises(DataError) as info:
+        load_data("imagefolder", root=s3_server.uri("no/such/tree"))
+    assert "data.root" in str(info.value) and "train/<class>" in str(info.value)
+
+    secret = os.environ["AWS_SECRET_ACCESS_KEY"]
+    uri = f"s3://KEYID:{secret}@{s3_server.bucket}/x"
+    with pytest.raises(DataError, match="credentials") as info:
+        load_data("cifar10", root=uri)
+    with pytest.raises(DataError, match="credentials") as info2:
+        load_data("cifar10", root=s3_server.uri("x") + f"&secret_key={secret}")
+    _no_secret_in(str(info.value), str(info2.value), *(str(p) for p in data_cache.rglob("*")))
+
+
+def test_unreachable_endpoint_is_a_data_error(data_cache: Path) -> None:
+    from s3server import free_port
+
+    uri = f"s3://bucket/cifar?endpoint_override=http://127.0.0.1:{free_port()}&scheme=http&region=us-east-1"
+    with pytest.raises(DataError) as info:
+        load_data("cifar10", root=uri)
+    msg = str(info.value)
+    assert "data.root" in msg and "cannot be listed" in msg and "\n" not in msg
+
+
+def test_concurrent_loads_share_one_mirror(s3_server, tmp_path: Path, data_cache: Path) -> None:
+    """Train workers of one node load at the same time: one copy, no temporary files left."""
+    import uuid
+    from concurrent.futures import ThreadPoolExecutor
+
+    from raykfe.data import data_cache_dir
+
+    local = tmp_path / "local"
+    _fake_cifar10(local)
+    prefix = f"datasets/{uuid.uuid4().hex}"
+    _upload_tree(s3_server, local, prefix)
+    uri = s3_server.uri(prefix)
+    with ThreadPoolExecutor(3) as pool:
+        results = list(pool.map(lambda _: load_data("cifar10", root=uri, val_fraction=0.2), range(3)))
+    want = load_data("cifar10", root=str(local), val_fraction=0.2)
+    for got in results:
+        _same_splits(got, want)
+    leftovers = [p.name for p in data_cache_dir(uri).rglob("*") if ".part-" in p.name]
+    assert leftovers == []
