@@ -45,11 +45,12 @@ def unpack_triangles(flat: torch.Tensor, layout: list, stats: Mapping[str, Layer
         st.count = int(round(c))
 
 
-def allreduce_stats(stats: Mapping[str, LayerStats], *, bucket_bytes: int = 64 << 20, device=None) -> None:
-    """Sum ``stats`` over all ranks of the default process group, in place."""
-    if not dist.is_available() or not dist.is_initialized() or dist.get_world_size() == 1:
-        return
-    flat, layout = pack_triangles(stats)
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _allreduce_flat(flat: torch.Tensor, bucket_bytes: int, device) -> torch.Tensor:
+    """Sum one float64 vector over all ranks, in buckets of at most ``bucket_bytes``; on the CPU."""
     if device is not None:
         flat = flat.to(device)
     step = max(1, bucket_bytes // 8)
@@ -57,24 +58,24 @@ def allreduce_stats(stats: Mapping[str, LayerStats], *, bucket_bytes: int = 64 <
         bucket = flat[start:start + step].clone()
         dist.all_reduce(bucket, op=dist.ReduceOp.SUM)
         flat[start:start + step] = bucket
-    unpack_triangles(flat.cpu(), layout, stats)
+    return flat.cpu()
+
+
+def allreduce_stats(stats: Mapping[str, LayerStats], *, bucket_bytes: int = 64 << 20, device=None) -> None:
+    """Sum ``stats`` over all ranks of the default process group, in place."""
+    if not _distributed():
+        return
+    flat, layout = pack_triangles(stats)
+    unpack_triangles(_allreduce_flat(flat, bucket_bytes, device), layout, stats)
 
 
 def allreduce_tensors(tensors: dict[str, torch.Tensor], *, bucket_bytes: int = 64 << 20, device=None) -> dict[str, torch.Tensor]:
     """Sum a dict of tensors (sums and counts, any shapes) over all ranks; returns float64 copies
     shaped as given (the count entries come back as float64 too: round them)."""
-    if not dist.is_available() or not dist.is_initialized() or dist.get_world_size() == 1:
+    if not _distributed():
         return dict(tensors)
     names = list(tensors)
-    flat = torch.cat([tensors[n].detach().reshape(-1).to(torch.float64).cpu() for n in names])
-    if device is not None:
-        flat = flat.to(device)
-    step = max(1, bucket_bytes // 8)
-    for start in range(0, flat.numel(), step):
-        bucket = flat[start:start + step].clone()
-        dist.all_reduce(bucket, op=dist.ReduceOp.SUM)
-        flat[start:start + step] = bucket
-    flat = flat.cpu()
+    flat = _allreduce_flat(torch.cat([tensors[n].detach().reshape(-1).to(torch.float64).cpu() for n in names]), bucket_bytes, device)
     out, offset = {}, 0
     for n in names:
         t = tensors[n]
