@@ -131,15 +131,17 @@ def job_overrides(method: str, frac: float, args, base_path: Path, tag: str) -> 
     ]
 
 
-def run_method(overrides: list[str]) -> dict:
+def run_method(overrides: list[str], shared: list[str] = ()) -> dict:
+    """One job; ``shared``: the method's first target's output, whose statistics (and sparsity
+    training) it reuses, as a sweep's trials do (they do not depend on the target)."""
     cfg = load_config(JOB, overrides)
     try:
-        res = run_job(cfg, log=log)
+        res = run_job(cfg, log=log, shared=shared)
     except StorageError as exc:
         if "different job" not in str(exc):
             raise
         log(f"{cfg.output.uri} holds a different job (other budget or base): running this one over it")
-        res = run_job(load_config(JOB, [*overrides, "output.overwrite=true"]), log=log)
+        res = run_job(load_config(JOB, [*overrides, "output.overwrite=true"]), log=log, shared=shared)
     return res.metrics
 
 
@@ -353,7 +355,8 @@ def main() -> None:
             log(f"--- {m} flops:{f:g}")
             t0 = time.perf_counter()
             try:
-                results[f] = run_method(job_overrides(m, f, args, base_path, base_sha[:12]))
+                first = str(args.out / f"{m}-{targets[0]:g}")
+                results[f] = run_method(job_overrides(m, f, args, base_path, base_sha[:12]), [] if f == targets[0] or m == "eigendamage-iterative" else [first])  # rounds are target-specific
                 log(f"--- {m} flops:{f:g} done in {time.perf_counter() - t0:.0f} s")
             except Exception as exc:  # noqa: BLE001 - a failing method gets a cell, not a stop
                 results[f] = exc

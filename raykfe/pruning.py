@@ -279,12 +279,14 @@ def plan_report(plan) -> list[dict]:
 
 
 def flag_bottlenecks(rows: list[dict], share: float = BOTTLENECK_SHARE) -> list[str]:
-    """Mark (in ``note``) and return the least-pruned ``share`` of the rows that have a ``removed``."""
+    """Mark (in ``note``) and return the least-pruned ``share`` of the rows that have a ``removed``
+    (with every row tied with the last one: the layers of one residual stream go together)."""
     cand = [r for r in rows if r.get("removed") is not None]
     if len(cand) < 2:
         return []
     k = max(1, int(round(share * len(cand))))
-    flagged = sorted(cand, key=lambda r: (r["removed"], r["layer"]))[:k]
+    cut = sorted(r["removed"] for r in cand)[k - 1]
+    flagged = [r for r in cand if r["removed"] <= cut + 1e-12]  # ties (e.g. one residual stream) all count
     for r in flagged:
         r["note"] = ("bottleneck (least pruned); " + r["note"]).rstrip("; ")
     return [r["layer"] for r in flagged]

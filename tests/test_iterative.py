@@ -136,3 +136,18 @@ def test_rounds_only_for_eigendamage_and_iterative_not_in_one_call_api():
     model = build_model("resnet8", 10)
     with pytest.raises(raykfe.ConfigError, match="fine-tunes between rounds"):
         raykfe.prune(model, _batches(1), method="eigendamage-iterative")
+
+
+def test_iterative_job_runs_distributed_on_ray(ray_cluster, tmp_path, tiny_job_overrides):
+    """Two rounds on Ray: statistics of the cores on Train workers, bases on actors, the round's
+    fine-tuning on DDP workers; the result reloads and meets the target."""
+    from raykfe.distributed.backend import RayBackend
+
+    overrides = [*tiny_job_overrides, "runtime=ray", "ray.workers=2", "prune.method=eigendamage-iterative",
+                 "prune.rounds=2", "prune.round_epochs=1", "prune.target=flops:0.6"]
+    cfg = load_config("jobs/digits.yaml", overrides)
+    job = run_job(cfg, RayBackend(cfg), log=lambda m: None)
+    assert abs(job.metrics["macs_reduction"] - 0.6) <= 0.02
+    res = raykfe.load(str(tmp_path / "out"))
+    assert [r["round"] for r in res.plan.options["rounds"]] == [1, 2]
+    assert (tmp_path / "out" / "stages" / "stats-round2.json").exists()
