@@ -87,7 +87,7 @@ from torch import nn
 
 from .counting import count, eval_forward_with_hooks
 from .errors import ConfigError
-from .plan import Target, parse_target
+from .plan import PlanTotals, Target, parse_target
 
 __all__ = [
     "Member",
@@ -856,7 +856,7 @@ def channel_layer_fractions(graph: ChannelGraph, removed: Mapping[str, Sequence[
 
 
 @dataclass
-class ChannelPlan:
+class ChannelPlan(PlanTotals):
     """A channel-pruning plan: pure data with a JSON round trip."""
 
     method: str
@@ -870,21 +870,10 @@ class ChannelPlan:
     options: dict = field(default_factory=dict)
     kind: str = "channels"
 
-    @property
-    def params_reduction(self) -> float:
-        return 1.0 - self.params / self.base_params if self.base_params else 0.0
-
-    @property
-    def macs_reduction(self) -> float:
-        return 1.0 - self.macs / self.base_macs if self.base_macs else 0.0
-
     def to_dict(self) -> dict:
         d = asdict(self)
         d["removed"] = {k: [int(i) for i in v] for k, v in self.removed.items()}
         return d
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=1, sort_keys=False)
 
     @classmethod
     def from_dict(cls, d: Mapping) -> "ChannelPlan":

@@ -32,6 +32,7 @@ __all__ = [
     "parse_target",
     "LayerPlan",
     "Plan",
+    "PlanTotals",
     "kfe_cost",
     "dense_cost",
     "select",
@@ -141,8 +142,24 @@ class LayerPlan:
         return len(self.keep_out)
 
 
+class PlanTotals:
+    """What every kind of plan (KFE here, channels in :mod:`raykfe.channels`) derives from its
+    counts, and its JSON form (``to_dict`` is the plan's own)."""
+
+    @property
+    def params_reduction(self) -> float:
+        return 1.0 - self.params / self.base_params if self.base_params else 0.0
+
+    @property
+    def macs_reduction(self) -> float:
+        return 1.0 - self.macs / self.base_macs if self.base_macs else 0.0
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1, sort_keys=False)
+
+
 @dataclass
-class Plan:
+class Plan(PlanTotals):
     """A pruning plan: pure data. ``layers`` covers every prunable layer; ``skipped`` the rest."""
 
     method: str
@@ -156,21 +173,10 @@ class Plan:
     options: dict = field(default_factory=dict)
     format: int = PLAN_FORMAT
 
-    @property
-    def params_reduction(self) -> float:
-        return 1.0 - self.params / self.base_params if self.base_params else 0.0
-
-    @property
-    def macs_reduction(self) -> float:
-        return 1.0 - self.macs / self.base_macs if self.base_macs else 0.0
-
     def to_dict(self) -> dict:
         d = asdict(self)
         d["layers"] = {n: asdict(lp) for n, lp in self.layers.items()}
         return d
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=1, sort_keys=False)
 
     @classmethod
     def from_dict(cls, d: dict) -> "Plan":
