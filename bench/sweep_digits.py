@@ -26,13 +26,16 @@ def main() -> None:
     rows = []
     for label, share in (("statistics shared (default)", "true"), ("statistics recomputed per trial", "false")):
         out = root / ("shared" if share == "true" else "per-trial")
+        base = root / "base"  # one trained base for both runs (and for re-runs of this benchmark)
         shutil.rmtree(out, ignore_errors=True)
-        if share == "false" and (root / "shared" / "shared" / "base").exists():  # same trained base for both runs
-            shutil.copytree(root / "shared" / "shared" / "base", out / "shared" / "base")
+        if base.exists():
+            shutil.copytree(base, out / "shared" / "base")
         cfg = load_config("jobs/digits-sweep.yaml", ["progress=false", f"sweep.share_statistics={share}", f"output.uri={out}", *overrides])
         t0 = time.perf_counter()
         summary = run_sweep(cfg, log=lambda m: print(m, file=sys.stderr))
         wall = time.perf_counter() - t0
+        if not base.exists():
+            shutil.copytree(out / "shared" / "base", base)
         rows.append([label, summary["trials"], summary["done"], summary["stopped"], f"{summary['prepare_seconds']:.0f}",
                      f"{summary['tune_seconds']:.0f}", f"{wall:.0f}"])
         print(f"{label}: {wall:.0f} s", file=sys.stderr)

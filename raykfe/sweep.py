@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import dataclasses
 import io
 import json
 import os
@@ -173,6 +174,9 @@ def run_sweep(cfg: JobConfig, *, log=print) -> dict:
         if METHODS[m].space == "channels" and any(t["target"].startswith("directions") for t in grid):
             raise ConfigError(f"sweep.targets has a directions:F target, which {m} cannot use: use params:F or flops:F")
     uri = cfg.output.uri
+    if "://" not in uri or uri.startswith("file://"):  # trials run in other working directories
+        uri = os.path.abspath(uri[7:] if uri.startswith("file://") else uri)
+        cfg = dataclasses.replace(cfg, output=dataclasses.replace(cfg.output, uri=uri))
     loc = open_uri(uri)
     if cfg.output.overwrite:
         loc.delete(SWEEP_MANIFEST)

@@ -8,6 +8,7 @@ import csv
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -39,9 +40,11 @@ def test_targets_expand_and_grid_covers_every_combination():
         load_config("jobs/digits-sweep.yaml", ["sweep.methods=[magic]"])
 
 
-def test_sweep_of_three_targets_shares_statistics_and_writes_front(ray_cluster, tmp_path):
+def test_sweep_of_three_targets_shares_statistics_and_writes_front(ray_cluster, tmp_path, monkeypatch):
+    job_file = Path("jobs/digits-sweep.yaml").resolve()
+    monkeypatch.chdir(tmp_path)  # a RELATIVE output URI: trials run in other working directories
     out = tmp_path / "sweep"
-    cfg = load_config("jobs/digits-sweep.yaml", [*TINY, "sweep.targets=[flops:0.3..0.7/3]", f"output.uri={out}"])
+    cfg = load_config(job_file, [*TINY, "sweep.targets=[flops:0.3..0.7/3]", "output.uri=sweep"])
     summary = run_sweep(cfg, log=lambda m: None)
     assert summary["trials"] == 3 and summary["errors"] == 0
     assert summary["done"] + summary["stopped"] == 3
