@@ -81,8 +81,7 @@ def _trial(config: dict, setup: dict) -> None:
     import torch
     from ray import tune
 
-    from .pipeline import LocalBackend, data_splits, run_job
-    from .latency import latency_ms
+    from .pipeline import LocalBackend, run_job
 
     torch.set_num_threads(max(1, int(setup["threads"])))
     d = copy.deepcopy(setup["job"])
@@ -101,27 +100,17 @@ def _trial(config: dict, setup: dict) -> None:
 
     job = run_job(cfg, LocalBackend(on_epoch=on_epoch), log=lambda m: None, shared=shared)
     m = job.metrics
-    lat1 = m.get("latency_ms")
-    lat32 = m.get("latency_ms_32")
-    if lat1 is None:
-        from .checkpoint import load
-
-        model = load(uri).model if job.result is None else job.result.model.cpu()
-        example = data_splits(cfg).test[0][0][None]
-        lat1 = latency_ms(model, example, batch=1, repeats=setup["repeats"])
-        lat32 = latency_ms(model, example, batch=32, repeats=max(3, setup["repeats"] // 4))
     tune.report({
         "val_acc": m["pruned"]["val_acc"], "test_acc": m["pruned"]["test_acc"],
         "test_acc_before_finetune": m["pruned"]["test_acc_before_finetune"], "macs": m["pruned"]["macs"],
         "params": m["pruned"]["params"], "macs_reduction": m["macs_reduction"], "params_reduction": m["params_reduction"],
-        "latency_ms": lat1, "latency_ms_32": lat32, "reused_stages": ",".join(m.get("reused_stages", [])),
+        "reused_stages": ",".join(m.get("reused_stages", [])),
         "uri": uri, "finished": True, "epoch": config["epochs"],
     })
 
 
 def _prepare(cfg: JobConfig, backend_for, methods: list[str], uri: str, log) -> tuple[str, dict[str, str], dict]:
     """The base model and each family's statistics, computed once: (base uri, {family: uri}, base row)."""
-    from .latency import latency_ms
     from .models import build_model
     from .pipeline import data_splits, run_job
 
@@ -155,7 +144,7 @@ def _prepare(cfg: JobConfig, backend_for, methods: list[str], uri: str, log) -> 
     row = {
         "trial": "base", "method": "-", "target": "-", "lr": None, "epochs": None, "weight_decay": None, "status": "base",
         "val_acc": base.metrics["base"]["val_acc"], "test_acc": base.metrics["base"]["test_acc"], "macs": c.macs,
-        "params": c.params, "latency_ms": latency_ms(model, example, batch=1, repeats=cfg.sweep.latency_repeats),
+        "params": c.params, "_model": model,
     }
     return base_uri, families, row
 
@@ -241,8 +230,29 @@ def run_sweep(cfg: JobConfig, *, log=print) -> dict:
         })
         if status != "done":  # an unfinished trial's cost is not known: it is not a point of the front
             rows[-1].update(macs=None, params=None, latency_ms=None, latency_ms_32=None)
+    _measure_latencies(cfg, rows, log)
     rows[1:] = sorted(rows[1:], key=lambda r: (list(METHODS).index(r["method"]), r["target"], r["lr"], r["epochs"], r["weight_decay"]))
     return _write_results(cfg, rows, {"prepare_seconds": prepare_s, "tune_seconds": tune_s, "families": families})
+
+
+def _measure_latencies(cfg: JobConfig, rows: list[dict], log) -> None:
+    """CPU latency of the base and of every finished trial's model, measured one model at a time
+    in the driver after the trials (timed inside concurrent trials, they would measure the
+    contention), with ``sweep.cpus_per_trial`` threads."""
+    from .checkpoint import load
+    from .latency import latency_ms
+    from .pipeline import data_splits
+
+    example = data_splits(cfg).test[0][0][None]
+    threads = max(1, int(cfg.sweep.cpus_per_trial))
+    reps = cfg.sweep.latency_repeats
+    log(f"raykfe: sweep: latency of {sum(r['status'] in ('done', 'base') for r in rows)} models ({threads} thread(s))")
+    for r in rows:
+        if r["status"] not in ("done", "base"):
+            continue
+        model = r.pop("_model", None) or load(r["uri"]).model
+        r["latency_ms"] = latency_ms(model, example, batch=1, repeats=reps, threads=threads)
+        r["latency_ms_32"] = latency_ms(model, example, batch=32, repeats=max(3, reps // 4), threads=threads)
 
 
 def _best_per_target(rows: list[dict]) -> dict:
