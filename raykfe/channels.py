@@ -87,7 +87,7 @@ from torch import nn
 
 from .counting import count, eval_forward_with_hooks
 from .errors import ConfigError
-from .plan import PlanTotals, Target, parse_target
+from .plan import PlanTotals, Target, parse_target, smallest_meeting
 
 __all__ = [
     "Member",
@@ -757,14 +757,7 @@ class ChannelGraph:
                 f"{best:.3f} of the {'MACs' if metric else 'parameters'} (prune.max_layer_ratio={max_layer_ratio}); "
                 "lower the target or raise prune.max_layer_ratio"
             )
-        lo, hi = 0, n
-        while lo < hi:
-            mid = (lo + hi) // 2
-            if reduction(mid) >= tgt.fraction:
-                hi = mid
-            else:
-                lo = mid + 1
-        k = lo
+        k = smallest_meeting(reduction, n, tgt.fraction)
         params, macs = outcome(k)
         removed: dict[str, list[int]] = {}
         for gi in np.unique(ug[:k]):

@@ -36,6 +36,7 @@ __all__ = [
     "kfe_cost",
     "dense_cost",
     "select",
+    "smallest_meeting",
     "PLAN_FORMAT",
 ]
 
@@ -199,6 +200,19 @@ class Plan(PlanTotals):
 # --------------------------------------------------------------------------------------------
 
 
+def smallest_meeting(reduction, n: int, fraction: float) -> int:
+    """The smallest k in [0, n] with ``reduction(k) >= fraction``, by bisection (``reduction`` is
+    non-decreasing in k: removing more units never makes the model larger)."""
+    lo, hi = 0, n
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if reduction(mid) >= fraction:
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
+
+
 def _cap(n: int, ratio: float) -> int:
     return max(0, min(int(math.floor(ratio * n)), n - 1))
 
@@ -286,14 +300,7 @@ def select(
             " and the layers that can be pruned; lower the target, raise prune.max_layer_ratio"
             " or set prune.include_classifier=true"
         )
-    lo, hi = 0, n_eligible  # smallest k with reduction(k) >= fraction
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if reduction(mid) >= tgt.fraction:
-            hi = mid
-        else:
-            lo = mid + 1
-    k = lo
+    k = smallest_meeting(reduction, n_eligible, tgt.fraction)
     if k > 0 and abs(reduction(k - 1) - tgt.fraction) < abs(reduction(k) - tgt.fraction) and (
         abs(reduction(k - 1) - tgt.fraction) <= tolerance
     ):
