@@ -38,7 +38,7 @@ from .methods import MethodInfo
 if TYPE_CHECKING:  # pragma: no cover
     from .channels import ChannelGraph
 
-__all__ = ["channel_scores", "compensate", "structure_owner", "aggregate", "StatsSource", "BatchSource"]
+__all__ = ["channel_scores", "compensate", "select_plan", "build_pruned", "structure_owner", "aggregate", "StatsSource", "BatchSource"]
 
 _LAYER = (nn.Conv2d, nn.Linear)
 
@@ -209,3 +209,35 @@ def compensate(
             w = update(a.weight_matrix().to(torch.float64), st.A, st.S, rows, damping=damping)
             obs.write_weight_matrix(a, w)
     return new
+
+
+def select_plan(info: MethodInfo, graph: "ChannelGraph", scores, target, example: torch.Tensor, *, max_layer_ratio: float,
+                tolerance: float, damping: float, options: dict):
+    """The global selection as a :class:`raykfe.channels.ChannelPlan` (``options``: the caller's
+    settings, recorded beside the selection's own)."""
+    from .channels import ChannelPlan, channel_layer_fractions
+
+    removed, summary = graph.select(scores, target, max_layer_ratio=max_layer_ratio, tolerance=tolerance)
+    return ChannelPlan(
+        method=info.name, target=str(target), removed=removed, skipped=dict(graph.skipped),
+        base_params=summary["base_params"], base_macs=summary["base_macs"], params=summary["params"], macs=summary["macs"],
+        options={
+            **options, "max_layer_ratio": max_layer_ratio, "tolerance": tolerance, "damping": damping,
+            "input_shape": list(example.shape[1:]), "summary": summary, "statistics": info.statistics,
+            "layers": {k: list(v) for k, v in channel_layer_fractions(graph, removed).items()},
+        },
+    )
+
+
+def build_pruned(info: MethodInfo, model: nn.Module, graph: "ChannelGraph", plan, kfac, damping: float, example: torch.Tensor) -> nn.Module:
+    """The pruned model of ``plan`` (after the method's compensating update), its counts checked
+    against the plan's."""
+    from .channels import apply_channels
+    from .counting import count
+
+    source = compensate(info, model, graph, plan.removed, kfac, damping) if info.compensates else model
+    pruned = apply_channels(source, example, plan.removed)
+    measured = count(pruned, example)
+    if (measured.params, measured.macs) != (plan.params, plan.macs):
+        raise RuntimeError(f"channel surgery gave {measured}, the plan predicted params={plan.params} macs={plan.macs}")
+    return pruned

@@ -413,8 +413,8 @@ def _prune_kfe(job: _Stages, model: nn.Module, recipe: "ModelRecipe", adapters: 
 
 def _prune_channels(job: _Stages, model: nn.Module, recipe: "ModelRecipe", info: MethodInfo):
     """A parameter-coordinate method: score channels, select, compensate, remove -> (pruned, plan)."""
-    from .channels import ChannelGraph, ChannelPlan, apply_channels, channel_layer_fractions
-    from .channel_methods import channel_scores, compensate
+    from .channels import ChannelGraph, ChannelPlan
+    from .channel_methods import build_pruned, channel_scores, select_plan
 
     cfg, p, store = job.cfg, job.cfg.prune, job.store
     graph = ChannelGraph(model, job.example, exclude=p.exclude, include_classifier=p.include_classifier)
@@ -433,24 +433,12 @@ def _prune_channels(job: _Stages, model: nn.Module, recipe: "ModelRecipe", info:
         plan = ChannelPlan.from_json(plan_text)
         job.reused.append("plan")
     else:
-        removed, summary = graph.select(scores, p.target, max_layer_ratio=p.layer_ratio, tolerance=p.tolerance)
-        plan = ChannelPlan(
-            method=p.method, target=p.target, removed=removed, skipped=dict(graph.skipped),
-            base_params=summary["base_params"], base_macs=summary["base_macs"], params=summary["params"], macs=summary["macs"],
-            options={
-                "fisher": cfg.stats.fisher, "include_classifier": p.include_classifier, "exclude": list(p.exclude),
-                "seed": cfg.seed, "max_layer_ratio": p.layer_ratio, "tolerance": p.tolerance, "damping": p.damping,
-                "input_shape": list(job.example.shape[1:]), "summary": summary,
-                "layers": {k: list(v) for k, v in channel_layer_fractions(graph, removed).items()},
-                "statistics": info.statistics,
-            },
+        plan = select_plan(
+            info, graph, scores, p.target, job.example, max_layer_ratio=p.layer_ratio, tolerance=p.tolerance, damping=p.damping,
+            options={"fisher": cfg.stats.fisher, "include_classifier": p.include_classifier, "exclude": list(p.exclude), "seed": cfg.seed},
         )
         store.save_text("plan.json", plan.to_json())
-    source = compensate(info, model, graph, plan.removed, kfac, p.damping) if info.compensates else model
-    pruned = apply_channels(source, job.example, plan.removed)
-    measured = count(pruned, job.example)
-    if (measured.params, measured.macs) != (plan.params, plan.macs):
-        raise RuntimeError(f"channel surgery gave {measured}, the plan predicted params={plan.params} macs={plan.macs}")
+    pruned = build_pruned(info, model, graph, plan, kfac, p.damping, job.example)
     job.tick("plan", t0)
     return pruned, plan
 

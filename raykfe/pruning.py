@@ -216,8 +216,8 @@ def prune(
 def _prune_channels(model, batches, info: MethodInfo, tgt, *, fisher, max_layer_ratio, include_classifier, exclude,
                     tolerance, seed, max_batches, example_input, progress, damping, max_factor_dim) -> PruneResult:
     """:func:`prune` for the parameter-coordinate methods (channel surgery)."""
-    from .channel_methods import BatchSource, channel_scores, compensate
-    from .channels import ChannelGraph, ChannelPlan, apply_channels, channel_layer_fractions
+    from .channel_methods import BatchSource, build_pruned, channel_scores, select_plan
+    from .channels import ChannelGraph
 
     if example_input is None:
         example_input, batches = _peek(batches)
@@ -230,22 +230,11 @@ def _prune_channels(model, batches, info: MethodInfo, tgt, *, fisher, max_layer_
     scores, kfac = channel_scores(info, model, graph, source, damping=damping, max_factor_dim=max_factor_dim)
     timings["statistics"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    removed, summary = graph.select(scores, tgt, max_layer_ratio=max_layer_ratio, tolerance=tolerance)
-    plan = ChannelPlan(
-        method=info.name, target=str(tgt), removed=removed, skipped=dict(graph.skipped), base_params=summary["base_params"],
-        base_macs=summary["base_macs"], params=summary["params"], macs=summary["macs"],
-        options={
-            "fisher": fisher, "include_classifier": include_classifier, "exclude": list(exclude), "seed": seed,
-            "max_layer_ratio": max_layer_ratio, "tolerance": tolerance, "damping": damping,
-            "input_shape": list(example_input.shape[1:]), "summary": summary,
-            "layers": {k: list(v) for k, v in channel_layer_fractions(graph, removed).items()}, "statistics": info.statistics,
-        },
+    plan = select_plan(
+        info, graph, scores, tgt, example_input, max_layer_ratio=max_layer_ratio, tolerance=tolerance, damping=damping,
+        options={"fisher": fisher, "include_classifier": include_classifier, "exclude": list(exclude), "seed": seed},
     )
-    source_model = compensate(info, model, graph, removed, kfac, damping) if info.compensates else model
-    new = apply_channels(source_model, example_input, removed)
-    measured = count(new, example_input)
-    if (measured.params, measured.macs) != (plan.params, plan.macs):
-        raise RuntimeError(f"channel surgery gave {measured}, the plan predicted params={plan.params} macs={plan.macs}")
+    new = build_pruned(info, model, graph, plan, kfac, damping, example_input)
     timings["plan"] = time.perf_counter() - t0
     return PruneResult(new, plan, plan_report(plan), None, timings)
 
