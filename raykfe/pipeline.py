@@ -25,7 +25,7 @@ import yaml
 from torch import nn
 
 from .capture import collect_factors
-from .checkpoint import plan_from_dict, plan_from_json, read_file, read_manifest, rebuild, save
+from .checkpoint import plan_from_dict, read_file, read_manifest, rebuild, save
 from .config import JobConfig, TrainConfig, config_to_dict
 from .counting import count
 from .data import DataSplits, load_data, make_loader

@@ -29,7 +29,6 @@ import json
 import os
 import time
 from itertools import product
-from typing import Any
 
 from .config import JobConfig, config_from_dict, config_to_dict, expand_target
 from .errors import ConfigError, RaykfeError
@@ -129,7 +128,6 @@ def _prepare(cfg: JobConfig, backend_for, methods: list[str], uri: str, log) -> 
         log(f"raykfe: sweep: statistics of family {fam} (shared by {', '.join(m for m in methods if family_of(m, cfg.stats.conv_mode) == fam)})")
         run_job(fcfg, backend_for(fcfg), log=log, shared=[base_uri], stop_after="statistics")
     # the base model's own row (reference point of the fronts)
-    from safetensors.torch import load as st_load
 
     from .stages import StageStore
 
