@@ -17,6 +17,7 @@ A job file has the sections below (every key optional, defaults shown by ``raykf
     runtime:  ray | local
     ray:      {address, num_cpus, workers, use_gpu, cpus_per_worker, actor_cpus, actor_gpus, max_actors,
                max_failures, bucket_mb}
+    latency:  {batches, repeats, threads}   # inference latency of base and pruned in the report
 
 Every error names the field, the value and the fix, in one line (:class:`ConfigError`).
 """
@@ -45,6 +46,7 @@ __all__ = [
     "PruneConfig",
     "OutputConfig",
     "RayConfig",
+    "LatencyConfig",
     "load_config",
     "apply_overrides",
     "config_from_dict",
@@ -219,6 +221,23 @@ class RayConfig:
 
 
 @dataclass(frozen=True)
+class LatencyConfig:
+    """Inference latency of the base and pruned models in the job report: the median of
+    ``repeats`` timed eval-mode forward passes per batch size, on CPU with ``threads`` torch
+    threads (default: all torch has), and also on the job's GPU when ``device`` is one.
+    ``repeats: 0`` skips it."""
+
+    batches: tuple[int, ...] = (1, 32)
+    repeats: int = 10
+    threads: int | None = None
+
+    def validate(self, p: str) -> None:
+        _check(len(self.batches) >= 1 and all(b >= 1 for b in self.batches), f"{p}.batches", list(self.batches), "give positive batch sizes, e.g. [1, 32]")
+        _check(self.repeats >= 0, f"{p}.repeats", self.repeats, "use 0 (off) or more")
+        _check(self.threads is None or self.threads >= 1, f"{p}.threads", self.threads, "use a positive thread count or null")
+
+
+@dataclass(frozen=True)
 class SweepConfig:
     """``raykfe sweep``: the grid of trials (every combination) and how Ray Tune runs them.
 
@@ -299,6 +318,7 @@ class JobConfig:
     finetune: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=15, lr=0.01))
     output: OutputConfig = field(default_factory=OutputConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+    latency: LatencyConfig = field(default_factory=LatencyConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)  # read by `raykfe sweep` only
 
     def validate(self, p: str = "") -> None:

@@ -45,7 +45,7 @@ from .surgery import apply_plan
 __all__ = ["run_job", "JobResult", "job_table", "seed_everything", "ModelRecipe", "LocalBackend", "data_splits"]
 
 #: keys whose change does not make a different job (where results go, how it is shown or run)
-RUN_ONLY_KEYS = ("output", "progress", "ray", "runtime", "sweep")
+RUN_ONLY_KEYS = ("output", "progress", "ray", "runtime", "sweep", "latency")
 
 
 @dataclass
@@ -103,9 +103,14 @@ def run_training(
     before_epoch: Callable[[int], None] | None = None,
     on_epoch: Callable[[dict], None] | None = None,
     unwrap: Callable[[nn.Module], nn.Module] = lambda m: m,
+    seed: int | None = None,
 ) -> list[dict]:
     """:func:`raykfe.finetune.train` with a checkpoint per epoch under ``store`` (by the chief only)
-    and a resume from the newest one. Shared by the in-process backend and the Ray Train workers."""
+    and a resume from the newest one. Shared by the in-process backend and the Ray Train workers.
+
+    ``seed``: before epoch ``e`` torch's global RNG (augmentation, dropout) and the loader's
+    shuffling generator are seeded from ``(seed, e)`` only, so an epoch run after a resume from
+    the checkpoint of epoch ``e - 1`` is the same as in an uninterrupted run."""
     start, opt_state, history = 0, None, []
     ckpt = store.load_checkpoint(stage) if store is not None else None
     if ckpt is not None:
@@ -122,9 +127,18 @@ def run_training(
             tensors = {f"model.{k}": v for k, v in unwrap(m).state_dict().items()} | opt_tensors
             store.save_checkpoint(stage, epoch, tensors, {**opt_meta, "history": records})
 
+    def epoch_start(epoch: int) -> None:
+        if seed is not None:
+            torch.manual_seed(seed * 100003 + epoch)
+            gen = getattr(train_loader, "generator", None)
+            if isinstance(gen, torch.Generator):
+                gen.manual_seed(seed * 100003 + epoch)
+        if before_epoch is not None:
+            before_epoch(epoch)
+
     return train(
         model, train_loader, tcfg.settings(), val_loader=val_loader, device=device, progress=progress, desc=stage,
-        start_epoch=start, optimizer_state=opt_state, history=history, before_epoch=before_epoch,
+        start_epoch=start, optimizer_state=opt_state, history=history, before_epoch=epoch_start,
         checkpoint=checkpoint, on_epoch=on_epoch, eval_module=unwrap(model),
     )
 
@@ -160,7 +174,7 @@ class LocalBackend:
         history = run_training(
             model, make_loader(splits.train, tcfg.batch_size, shuffle=True, seed=cfg.seed + (stage == "finetune"), drop_last=True),
             tcfg, stage, store, val_loader=make_loader(splits.val, 256, shuffle=False), device=device, progress=cfg.progress,
-            on_epoch=self.on_epoch if stage == "finetune" else None,
+            on_epoch=self.on_epoch if stage == "finetune" else None, seed=cfg.seed + (stage == "finetune"),
         )
         return state_of(model), history
 
@@ -559,6 +573,7 @@ def run_job(
 
     model.cpu(), pruned.cpu()
     base_counts, pruned_counts = count(model, example), count(pruned, example)
+    latency = _job_latency(cfg, model, pruned, example, log)
     metrics = {
         "name": cfg.name,
         "method": p.method,
@@ -580,6 +595,8 @@ def run_job(
         "resumed_from_epoch": {k: v for k, v in resumed.items() if v},
         "timings": timings,
     }
+    if latency:
+        metrics["latency"] = latency
     result = PruneResult(pruned, plan, plan_report(plan), stats, timings)
     from safetensors.torch import save as st_save
 
@@ -594,6 +611,31 @@ def run_job(
     save(result, cfg.output.uri, extra_files=extra, metadata={"job": cfg.name})
     timings["save"] = time.perf_counter() - t0
     return JobResult(cfg, metrics, result, timings=timings)
+
+
+def _job_latency(cfg: JobConfig, base: nn.Module, pruned: nn.Module, example: torch.Tensor, log) -> dict | None:
+    """Latency of the base and the pruned model at ``latency.batches`` (CPU, and the job's GPU when
+    it runs on one), measured in the driver after fine-tuning, the two models interleaved."""
+    lc = cfg.latency
+    if lc.repeats == 0:
+        return None
+    from .latency import latency_profile
+
+    threads = lc.threads or torch.get_num_threads()
+    log(f"raykfe: latency of the base and pruned models (batches {', '.join(map(str, lc.batches))}; CPU, {threads} thread(s))")
+    gpu = cfg.device if cfg.device.startswith("cuda") else None
+    prof = latency_profile({"base": base, "pruned": pruned}, example, batches=lc.batches, repeats=lc.repeats, threads=threads, gpu=gpu)
+    return {"threads": threads, **prof}
+
+
+def latency_table(latency: dict, *, markdown: bool = False) -> str:
+    """Base vs pruned latency per device and batch size, with the measured speedup."""
+    rows = []
+    for dev, per_batch in latency["base"].items():
+        for b, ms in per_batch.items():
+            pm = latency["pruned"][dev][b]
+            rows.append([f"{dev} ({latency['threads']} threads)" if dev == "cpu" else dev, b, f"{ms:.2f}", f"{pm:.2f}", f"{ms / pm:.2f}x"])
+    return format_table(["device", "batch", "base ms", "pruned ms", "speedup"], rows, markdown=markdown)
 
 
 def job_table(metrics: dict, *, markdown: bool = False) -> str:
@@ -614,6 +656,8 @@ def job_table(metrics: dict, *, markdown: bool = False) -> str:
     table = format_table(
         ["model", "test acc %", "before FT %", "params", "MACs", "params removed", "MACs removed"], rows, markdown=markdown
     )
+    if metrics.get("latency"):
+        table += "\n\n" + latency_table(metrics["latency"], markdown=markdown)
     t = metrics.get("timings", {})
     times = format_table(["stage", "seconds"], [[k, f"{v:.1f}"] for k, v in t.items()], markdown=markdown)
     reused = metrics.get("reused_stages") or []

@@ -89,6 +89,7 @@ def _trial(config: dict, setup: dict) -> None:
     uri = _join(setup["uri"], "trials", trial_id(config))
     d["output"] = {"uri": uri, "overwrite": False}
     d["runtime"], d["progress"] = "local", False
+    d["latency"] = {**d.get("latency", {}), "repeats": 0}  # timed by the driver after the trials, one model at a time
     cfg = config_from_dict(d)
     shared = [setup["base_uri"]]
     if setup["share"]:

@@ -32,6 +32,11 @@ def test_tiny_digits_job_end_to_end(tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     assert abs(metrics["macs_reduction"] - 0.5) <= 0.02
     assert 0.0 <= metrics["pruned"]["test_acc"] <= 1.0
+    # latency of base and pruned at batch 1 and 32 on CPU (no GPU here), in the report too
+    lat = metrics["latency"]
+    assert set(lat["base"]) == set(lat["pruned"]) == {"cpu"}
+    assert all(lat[m]["cpu"][b] > 0 for m in ("base", "pruned") for b in ("1", "32"))
+    assert "speedup" in (out / "report.md").read_text()
     for name in ("manifest.json", "plan.json", "weights.safetensors", "config.yaml", "report.md", "base.safetensors"):
         assert (out / name).is_file(), name
     # the stored model loads (rebuilt from the plan) and the report command prints it again
