@@ -18,7 +18,6 @@ import torch
 import raykfe
 from raykfe.config import load_config
 from raykfe.distributed.collective import pack_triangles, unpack_triangles
-from raykfe.distributed.placement import assign_layers
 from raykfe.errors import RaykfeError
 from raykfe.factors import LayerStats
 from raykfe.models import build_model
@@ -32,22 +31,6 @@ REPO = Path(__file__).resolve().parents[1]
 # ------------------------------------------------------------------------------------------------
 # pure parts
 # ------------------------------------------------------------------------------------------------
-
-
-def test_placement_longest_first_to_least_loaded():
-    costs = {"a": 8.0, "b": 7.0, "c": 6.0, "d": 5.0, "e": 4.0}
-    assert assign_layers(costs, 2) == [["a", "d", "e"], ["b", "c"]]
-    # one layer larger than all others together gets an actor of its own
-    big = {"fc": 1000.0, "c1": 1.0, "c2": 2.0, "c3": 3.0}
-    assert assign_layers(big, 2) == [["fc"], ["c3", "c2", "c1"]]
-    # more actors than layers: one layer each; a single actor takes everything, largest first
-    assert assign_layers({"x": 1.0, "y": 2.0}, 5) == [["y"], ["x"]]
-    assert assign_layers(costs, 1) == [["a", "b", "c", "d", "e"]]
-    # the makespan of LPT is within 4/3 of the optimum (here the optimum is 15 = 8+7 vs 6+5+4)
-    loads = [sum(costs[n] for n in g) for g in assign_layers(costs, 2)]
-    assert max(loads) <= 4 / 3 * 15
-    with pytest.raises(ValueError):
-        assign_layers(costs, 0)
 
 
 def test_triangle_packing_round_trip():
@@ -125,6 +108,33 @@ def test_two_workers_match_single_process_statistics_and_plan(ray_cluster, tmp_p
         a, b = p_dist.layers[n], p_local.layers[n]
         assert (a.action, a.keep_in, a.keep_out) == (b.action, b.keep_in, b.keep_out), n
     assert (p_dist.params, p_dist.macs) == (p_local.params, p_local.macs)
+
+
+@pytest.mark.ray
+def test_eigen_pool_work_queue_scores_every_layer_once(ray_cluster, one_thread):
+    """7 layers of different sizes on 2 actors, 2 in flight each: every layer is decomposed by
+    exactly one actor, the largest are handed out first, and the scores are the in-process ones."""
+    from raykfe.distributed.actors import EigenPool
+    from raykfe.eigen import eigenbasis
+    from raykfe.pruning import score_in_basis
+
+    g = torch.Generator().manual_seed(3)
+    stats, weights = {}, {}
+    for i, (a, s) in enumerate([(5, 4), (40, 30), (9, 7), (60, 50), (3, 3), (20, 25), (12, 8)]):
+        xa, xs = torch.randn(64, a, generator=g, dtype=torch.float64), torch.randn(64, s, generator=g, dtype=torch.float64)
+        stats[f"l{i}"] = LayerStats(xa.T @ xa, xs.T @ xs, 64)
+        weights[f"l{i}"] = torch.randn(s, a, generator=g, dtype=torch.float64)
+    pool = EigenPool(actor_cpus=1.0, max_actors=2)
+    try:
+        scored = pool.score(stats, weights)
+    finally:
+        pool.shutdown()
+    assert sorted(n for grp in pool.groups for n in grp) == sorted(stats)
+    assert len(pool.groups) == 2 and {pool.groups[0][0], pool.groups[1][0]} == {"l3", "l1"}  # the two largest first
+    assert all(sec > 0 for sec in pool.compute_seconds())
+    for n, st in stats.items():
+        want = score_in_basis(n, weights[n], eigenbasis(n, st))
+        torch.testing.assert_close(scored[n].entries, want.entries, rtol=1e-9, atol=1e-12)
 
 
 @pytest.mark.ray

@@ -2,15 +2,12 @@
 
 * :mod:`.cluster`    join a cluster (``ray.address`` / ``RAY_ADDRESS``) or start a local one;
 * :mod:`.collective` bucketed all-reduce of K-FAC sums (upper triangles only);
-* :mod:`.placement`  longest-processing-time-first assignment of layers to eigen actors (n^3 cost);
-* :mod:`.actors`     one actor per group of layers: keeps factors and eigenbases, scores directions;
+* :mod:`.actors`     eigendecomposition actors fed from a largest-first work queue; score directions;
 * :mod:`.workers`    Ray Train worker functions: statistics on data shards, data-parallel training;
 * :mod:`.backend`    :class:`RayBackend`, the Ray implementation of the pipeline's backend.
 """
 
-from .placement import assign_layers
-
-__all__ = ["assign_layers", "RayBackend", "connect"]
+__all__ = ["RayBackend", "connect"]
 
 
 def __getattr__(name):  # import ray only when it is really needed

@@ -1,7 +1,11 @@
-"""Eigendecomposition on Ray actors: each actor owns a group of layers (placed by
-:func:`assign_layers`), keeps their factors and eigenbases (so a later round of iterative pruning
-can merge bases where they live), and returns their EigenDamage scores to the driver, which sets
-the global threshold.
+"""Eigendecomposition on Ray actors.
+
+Layers are handed out one at a time, largest first, to whichever actor is free (a work queue:
+longest processing time first with dynamic assignment, Graham 1969), so a layer that takes longer
+than its ``n^3`` cost predicts delays only its own actor. Each actor holds ``depth`` layers in
+flight: the factors of its next layer cross to it while it decomposes the current one, so the
+transfers hide behind the compute. Results (bases, KFE weights, entry scores) return to the
+driver, which sets the global threshold.
 """
 
 from __future__ import annotations
@@ -17,7 +21,6 @@ import torch
 from ..eigen import Eigenbasis, eigh_cost, eigenbasis
 from ..factors import LayerStats
 from ..pruning import LayerScores, score_in_basis
-from .placement import assign_layers
 
 __all__ = ["EigenActor", "EigenPool"]
 
@@ -32,46 +35,36 @@ def _torch(a: np.ndarray) -> torch.Tensor:
 
 @ray.remote
 class EigenActor:
-    """Holds some layers' statistics and eigenbases. Tensors cross the actor boundary as numpy
-    arrays, which Ray moves through its object store without pickling copies."""
+    """Decomposes and scores one layer per call. Tensors cross the actor boundary as numpy arrays,
+    which Ray moves through its object store without pickling copies."""
 
     def __init__(self, threads: int = 1) -> None:
         torch.set_num_threads(max(1, threads))
         torch.linalg.eigh(torch.eye(64, dtype=torch.float64))  # load LAPACK before the clock starts
-        self.stats: dict[str, LayerStats] = {}
-        self.bases: dict[str, Eigenbasis] = {}
-        self.compute_seconds = 0.0
-
-    def seconds(self) -> float:
-        """Time spent decomposing and scoring in the last :meth:`score` call."""
-        return self.compute_seconds
 
     def pid(self) -> int:
         return os.getpid()
 
-    def score(self, stats: Mapping[str, tuple], weights: Mapping[str, np.ndarray]) -> dict[str, tuple]:
+    def score_one(self, name: str, a_sum: np.ndarray, s_sum: np.ndarray, count: int, weight: np.ndarray) -> tuple:
+        """``(QA, lA, QS, lS, w_kfe, entries, seconds)`` of one layer."""
         device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")  # num_gpus > 0
-        out = {}
         t0 = time.perf_counter()
-        for name, (a_sum, s_sum, count) in stats.items():  # largest first, as placed
-            st = LayerStats(_torch(a_sum), _torch(s_sum), int(count))
-            self.stats[name] = st
-            on_device = LayerStats(st.A_sum.to(device), st.S_sum.to(device), st.count)
-            basis = eigenbasis(name, on_device)
-            self.bases[name] = Eigenbasis(*(t.cpu() for t in (basis.QA, basis.lA, basis.QS, basis.lS)))
-            sc = score_in_basis(name, _torch(weights[name]), self.bases[name])
-            out[name] = tuple(_np(t) for t in (*(getattr(sc.basis, k) for k in ("QA", "lA", "QS", "lS")), sc.w_kfe, sc.entries))
-        self.compute_seconds = time.perf_counter() - t0
-        return out
+        st = LayerStats(_torch(a_sum).to(device), _torch(s_sum).to(device), int(count))
+        basis = eigenbasis(name, st)
+        basis = Eigenbasis(*(t.cpu() for t in (basis.QA, basis.lA, basis.QS, basis.lS)))
+        sc = score_in_basis(name, _torch(weight), basis)
+        out = tuple(_np(t) for t in (*(getattr(sc.basis, k) for k in ("QA", "lA", "QS", "lS")), sc.w_kfe, sc.entries))
+        return (*out, time.perf_counter() - t0)
 
 
 class EigenPool:
     """Actors for one eigen stage; ``k`` defaults to what the cluster's CPUs allow."""
 
-    def __init__(self, *, actor_cpus: float = 1.0, actor_gpus: float = 0.0, max_actors: int | None = None) -> None:
-        self.actor_cpus, self.actor_gpus, self.max_actors = actor_cpus, actor_gpus, max_actors
+    def __init__(self, *, actor_cpus: float = 1.0, actor_gpus: float = 0.0, max_actors: int | None = None, depth: int = 2) -> None:
+        self.actor_cpus, self.actor_gpus, self.max_actors, self.depth = actor_cpus, actor_gpus, max_actors, max(1, depth)
         self.actors: list = []
-        self.groups: list[list[str]] = []
+        self.groups: list[list[str]] = []  # per actor, the layers it decomposed in the last stage
+        self._seconds: list[float] = []
 
     def _k(self, n_layers: int) -> int:
         cpus = float(ray.cluster_resources().get("CPU", 1.0))
@@ -95,23 +88,35 @@ class EigenPool:
 
     def score(self, stats: Mapping[str, LayerStats], weights: Mapping[str, torch.Tensor]) -> dict[str, LayerScores]:
         k = self.start(len(stats))
-        self.groups = assign_layers({n: eigh_cost(st) for n, st in stats.items()}, k)
-        refs = [
-            actor.score.remote(
-                {n: (_np(stats[n].A_sum), _np(stats[n].S_sum), stats[n].count) for n in group},
-                {n: _np(weights[n]) for n in group},
-            )
-            for actor, group in zip(self.actors, self.groups)
-        ]
+        queue = sorted(stats, key=lambda n: (-float(eigh_cost(stats[n])), n))  # largest first
+        self.groups, self._seconds = [[] for _ in range(k)], [0.0] * k
+        pending: dict = {}  # object ref -> (actor index, layer name)
+
+        def submit(i: int) -> None:
+            name = queue.pop(0)
+            st = stats[name]
+            ref = self.actors[i].score_one.remote(name, _np(st.A_sum), _np(st.S_sum), st.count, _np(weights[name]))
+            pending[ref] = (i, name)
+            self.groups[i].append(name)
+
+        for _ in range(self.depth):
+            for i in range(k):
+                if queue:
+                    submit(i)
         out: dict[str, LayerScores] = {}
-        for part in ray.get(refs):
-            for name, (qa, la, qs, ls, wk, entries) in part.items():
-                out[name] = LayerScores(Eigenbasis(_torch(qa), _torch(la), _torch(qs), _torch(ls)), _torch(wk), _torch(entries))
+        while pending:
+            (ref,), _ = ray.wait(list(pending), num_returns=1)
+            i, name = pending.pop(ref)
+            qa, la, qs, ls, wk, entries, seconds = ray.get(ref)
+            out[name] = LayerScores(Eigenbasis(_torch(qa), _torch(la), _torch(qs), _torch(ls)), _torch(wk), _torch(entries))
+            self._seconds[i] += seconds
+            if queue:
+                submit(i)
         return {n: out[n] for n in stats}
 
     def compute_seconds(self) -> list[float]:
         """Per actor, the seconds of decomposition and scoring in the last stage."""
-        return ray.get([a.seconds.remote() for a in self.actors])
+        return list(self._seconds)
 
     def shutdown(self) -> None:
         for actor in self.actors:
