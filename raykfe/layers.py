@@ -36,6 +36,9 @@ __all__ = ["Adapter", "LinearAdapter", "Conv2dAdapter", "make_adapter", "unsuppo
 
 CONV_MODES = ("patch", "full")
 
+#: full-mode statistics unfold at most this many bytes of patches at a time (per layer, per batch)
+UNFOLD_CHUNK_BYTES = 64 << 20
+
 
 def _pair(v) -> tuple[int, int]:
     return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
@@ -225,12 +228,20 @@ class Conv2dAdapter(Adapter):
         n, c = x.shape[:2]
         hw = tuple(x.shape[-2:])
         if self.mode == "full":
-            cols = self.unfold(x)  # [N, C*k*k, T]
-            t = cols.shape[-1]
-            a = cols.transpose(1, 2).reshape(n * t, -1)  # [N*T, C*k*k]
-            if self.fold_bias:
-                a = torch.cat([a, a.new_ones(a.shape[0], 1)], dim=1)
-            return (a.T @ a) / t
+            # the unfolded patches are k^2 times the input: form them a few examples at a time so
+            # the transient stays under UNFOLD_CHUNK_BYTES (resnet50's layer1 at 224x224 would
+            # otherwise need 58 MB per example, 3.7 GB at batch 64)
+            t = math.prod(self.out_hw(hw))
+            per_example = 2 * (self.d_in * t) * x.element_size()  # unfolded + transposed copy
+            step = max(1, UNFOLD_CHUNK_BYTES // max(1, per_example))
+            total = x.new_zeros(self.d_in, self.d_in)
+            for i in range(0, n, step):
+                cols = self.unfold(x[i:i + step])  # [n_i, C*k*k, T]
+                a = cols.transpose(1, 2).reshape(-1, cols.shape[1])  # [n_i*T, C*k*k]
+                if self.fold_bias:
+                    a = torch.cat([a, a.new_ones(a.shape[0], 1)], dim=1)
+                total += a.T @ a
+            return total / t
         # patch mode: sum_{t,kappa} a a^T = sum_pixels count(pixel) * x x^T (padding contributes 0)
         counts, t = self._pixel_counts(hw, x.device)
         counts = counts.to(x.dtype)

@@ -310,6 +310,15 @@ def test_conv_patches_and_factors(k, stride, padding, dilation, bias) -> None:
         assert st.count == N and st.meta["positions"] == T
         assert_close(st.A, A, what=f"{mode} A")
         assert_close(st.S, S, what=f"{mode} S")
+        if mode == "full":  # patches unfolded one example at a time (the memory bound) give the same A
+            import raykfe.layers
+
+            old, raykfe.layers.UNFOLD_CHUNK_BYTES = raykfe.layers.UNFOLD_CHUNK_BYTES, 1
+            try:
+                chunked = raykfe.collect_factors(model, [(x, y)], fisher="empirical", conv_mode=mode, layers=["0"])["0"]
+            finally:
+                raykfe.layers.UNFOLD_CHUNK_BYTES = old
+            assert_close(chunked.A, A, what="full A, unfolded one example at a time")
 
 
 def test_fold_bias_cases() -> None:
