@@ -311,13 +311,13 @@ def test_conv_patches_and_factors(k, stride, padding, dilation, bias) -> None:
         assert_close(st.A, A, what=f"{mode} A")
         assert_close(st.S, S, what=f"{mode} S")
         if mode == "full":  # patches unfolded one example at a time (the memory bound) give the same A
-            import raykfe.layers
+            from raykfe import layers as layers_mod
 
-            old, raykfe.layers.UNFOLD_CHUNK_BYTES = raykfe.layers.UNFOLD_CHUNK_BYTES, 1
+            old, layers_mod.UNFOLD_CHUNK_BYTES = layers_mod.UNFOLD_CHUNK_BYTES, 1
             try:
                 chunked = raykfe.collect_factors(model, [(x, y)], fisher="empirical", conv_mode=mode, layers=["0"])["0"]
             finally:
-                raykfe.layers.UNFOLD_CHUNK_BYTES = old
+                layers_mod.UNFOLD_CHUNK_BYTES = old
             assert_close(chunked.A, A, what="full A, unfolded one example at a time")
 
 
