@@ -7,6 +7,9 @@
                                                         Ray Tune, with the Pareto front
     raykfe report URI                                   print the report of a finished job or sweep
     raykfe methods                                      list the pruning methods (prune.method)
+    raykfe export URI --format torchscript|onnx --out FILE
+                                                        the pruned (or --base) model of a result as a
+                                                        self-contained TorchScript / ONNX file, checked
 
 User errors print ``raykfe: error: <one line>`` and exit 2; nothing is written for a job that fails.
 """
@@ -40,6 +43,13 @@ def _parser() -> argparse.ArgumentParser:
     rp = sub.add_parser("report", help="print the report of a finished job")
     rp.add_argument("uri")
     sub.add_parser("methods", help="list the pruning methods (prune.method)")
+    ex = sub.add_parser("export", help="export a result's pruned model as TorchScript or ONNX (runs without raykfe)")
+    ex.add_argument("uri", help="a finished job result: local directory or s3:// / gs:// URI")
+    ex.add_argument("--format", default=None, help="torchscript or onnx (default: from --out's extension, .pt / .onnx)")
+    ex.add_argument("--out", default=None, help="the file to write (its directory must exist), or an s3:// / gs:// object")
+    ex.add_argument("--base", action="store_true", help="export the base (unpruned) model of the job instead")
+    ex.add_argument("--input-shape", default=None, help="C,H,W without the batch, when the result records none")
+    ex.add_argument("--force", action="store_true", help="replace --out if it exists")
     return p
 
 
@@ -72,6 +82,12 @@ def _run(args) -> int:
             return 0
         manifest = read_manifest(args.uri)
         print(read_file(args.uri, "report.md", manifest).decode(), end="")
+        return 0
+    if args.command == "export":
+        from .export import export
+
+        info = export(args.uri, args.out, args.format, base=args.base, input_shape=args.input_shape, force=args.force)
+        print(info.summary())
         return 0
     overrides = list(args.overrides) + (["progress=false"] if args.quiet else [])
     overrides += [f"ray.address={args.address}"] if args.address else []

@@ -82,6 +82,7 @@ def data_splits(cfg: JobConfig) -> DataSplits:
     return load_data(
         d.name, root=d.root, image_size=d.image_size, seed=cfg.seed, val_fraction=d.val_fraction,
         test_fraction=d.test_fraction, augment=d.augment, synthetic_size=d.synthetic_size, num_classes=d.num_classes,
+        access=d.access, workers=d.workers,
     )
 
 
@@ -211,15 +212,22 @@ def _device(cfg: JobConfig) -> torch.device:
 def _load_base_weights(model: nn.Module, path: str) -> None:
     from safetensors.torch import load as st_load
 
-    head, _, tail = path.rpartition("/")
+    base, sep, query = path.partition("?")  # keep an s3:// URI's ?endpoint_override=... with its folder
+    head, _, tail = base.rpartition("/")
     try:
-        data = open_uri(head or ".").read_bytes(tail)
+        data = open_uri((head or ".") + sep + query).read_bytes(tail)
     except StorageError:
         raise ConfigError(f"model.weights='{path}' cannot be read: give a safetensors state_dict of the base model") from None
     try:
         state = st_load(data)
     except Exception:
         raise ConfigError(f"model.weights='{path}' is not a safetensors file: save the base model with safetensors") from None
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise ConfigError(
+            f"model.weights='{path}' holds NaN/Inf values in {bad[0]!r}" + (f" (and {len(bad) - 1} more tensors)" if len(bad) > 1 else "")
+            + ": the model that was saved had diverged; give finite weights"
+        )
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ConfigError(
@@ -254,6 +262,11 @@ def existing_result(cfg: JobConfig) -> dict | None:
             f"output.uri={cfg.output.uri!r} already holds a different job's result: choose another output.uri "
             "or set output.overwrite=true"
         )
+    for name in manifest.get("files", {}):  # a damaged result is reported, not shown as this job's
+        try:
+            read_file(cfg.output.uri, name, manifest)
+        except StorageError as exc:
+            raise StorageError(f"{exc}; or set output.overwrite=true to run the job again") from None
     return json.loads(read_file(cfg.output.uri, "metrics.json", manifest))
 
 
@@ -608,7 +621,7 @@ def run_job(
         "base.safetensors": st_save({k: v.contiguous() for k, v in state_of(model).items()}),
         "layers.png": plot_layers(result.report, f"{p.method} {p.target}: removed per layer"),
     }
-    save(result, cfg.output.uri, extra_files=extra, metadata={"job": cfg.name})
+    save(result, cfg.output.uri, extra_files=extra, metadata={"job": cfg.name, "input_shape": list(example.shape[1:])})
     timings["save"] = time.perf_counter() - t0
     return JobResult(cfg, metrics, result, timings=timings)
 
