@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .counting import eval_forward_with_hooks
-from .errors import ConfigError
+from .errors import ConfigError, NumericalError
 from .factors import LayerStats
 from .layers import Adapter, make_adapter, positions, unsupported_reason
 
@@ -200,6 +200,16 @@ def collect_factors(
                     f"layer {name!r} is called more than once per forward (shared weights): "
                     "exclude it with prune.exclude or use a model without weight sharing"
                 )
+            if not bool(torch.isfinite(x.detach()).all()):
+                raise NumericalError(
+                    f"layer {name!r} receives NaN/Inf inputs in the K-FAC statistics pass: the data or the layers "
+                    "before it are not finite (check the input data and model.weights, e.g. BatchNorm statistics)"
+                )
+            if not bool(torch.isfinite(output.detach()).all()):
+                raise NumericalError(
+                    f"layer {name!r} gives NaN/Inf outputs from finite inputs in the K-FAC statistics pass: its "
+                    "weights are not finite or too large (check model.weights, or lower the learning rate that trained it)"
+                )
             st = stats[name]
             st.A_sum += adapter.a_sum(x).to(torch.float64)
             if output.requires_grad:
@@ -256,5 +266,14 @@ def collect_factors(
         model.train(was_training)
     if not stats:
         raise ConfigError("no batch was seen: the data given for statistics is empty")
+    for name in adapters:  # never hand on (or store) a factor that is not finite
+        st = stats.get(name)
+        for factor, total in (("A", st.A_sum), ("S", st.S_sum)) if st is not None else ():
+            if not bool(torch.isfinite(total).all()):
+                raise NumericalError(
+                    f"factor {factor} of layer {name!r} has {int((~torch.isfinite(total)).sum())} NaN/Inf entries "
+                    "after the K-FAC statistics pass: the loss or its gradients overflowed (check model.weights "
+                    "and the input data for huge values)"
+                )
     # layers the forward pass never reached have no statistics and are not returned
     return {n: stats[n] for n in adapters if n in stats}

@@ -46,11 +46,14 @@ def plan_from_dict(d: dict):
 def plan_from_json(text: str):
     try:
         d = json.loads(text)
-    except ValueError:
+    except (ValueError, UnicodeDecodeError):
         raise StorageError("plan.json is not valid JSON: re-run the job that wrote it") from None
     if not isinstance(d, dict):
         raise StorageError("plan.json does not hold a plan: re-run the job that wrote it")
-    return plan_from_dict(d)
+    try:
+        return plan_from_dict(d)
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise StorageError(f"plan.json does not hold a valid plan ({type(exc).__name__}: {exc}): re-run the job that wrote it") from None
 
 
 def rebuild(model: nn.Module, plan) -> nn.Module:
@@ -150,12 +153,17 @@ def load(uri: str, model: nn.Module | None = None):
     from .pruning import PruneResult
 
     manifest = read_manifest(uri)
-    plan = plan_from_json(read_file(uri, "plan.json", manifest).decode())
+    plan = plan_from_json(read_file(uri, "plan.json", manifest).decode(errors="replace"))
+    weights = read_file(uri, "weights.safetensors", manifest)
+    try:  # safetensors only: a pickle (or anything else) in its place is refused, never executed
+        state = st_load(weights)
+    except (SafetensorError, Exception) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise StorageError(f"weights at {uri!r} are not a safetensors file ({first}): re-run the job that wrote them") from None
     try:
-        state = st_load(read_file(uri, "weights.safetensors", manifest))
-    except SafetensorError as exc:
-        raise StorageError(f"weights at {uri!r} cannot be read ({exc}): re-run the job that wrote them") from None
-    report = json.loads(read_file(uri, "report.json", manifest)).get("layers", [])
+        report = json.loads(read_file(uri, "report.json", manifest)).get("layers", [])
+    except (ValueError, UnicodeDecodeError, AttributeError):
+        raise StorageError(f"report.json at {uri!r} is not a raykfe report: re-run the job that wrote it") from None
     spec = manifest.get("model_spec")
     if model is not None:
         base = copy.deepcopy(model)

@@ -6,7 +6,8 @@ A job file has the sections below (every key optional, defaults shown by ``raykf
     seed: 0
     device: cpu             # or cuda / cuda:0
     model:    {name, width, weights}
-    data:     {name, root, image_size, val_fraction, test_fraction, augment, synthetic_size, num_classes}
+    data:     {name, root, image_size, val_fraction, test_fraction, augment, synthetic_size, num_classes,
+               access, workers}
     base:     {epochs, lr, momentum, weight_decay, milestones, batch_size}   # trains a base model
     stats:    {fisher, conv_mode, batch_size, max_batches, max_factor_dim}
     prune:    {method, target, max_layer_ratio, include_classifier, exclude, tolerance, freeze_rotations,
@@ -26,6 +27,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field, fields
@@ -79,9 +82,13 @@ class DataConfig:
     augment: bool = False
     synthetic_size: int = 512
     num_classes: int | None = None
+    access: str = "stream"  # an s3:// / gs:// root: "stream" (read objects as needed) or "mirror" (local copy first)
+    workers: int = 0  # DataLoader processes that read, decode and augment images (0: in the loading process)
 
     def validate(self, p: str) -> None:
         _check(self.image_size >= 8, f"{p}.image_size", self.image_size, "use at least 8")
+        _check(self.access in ("stream", "mirror"), f"{p}.access", self.access, "use stream or mirror")
+        _check(self.workers >= 0, f"{p}.workers", self.workers, "use 0 (load in the main process) or more processes")
         _check(0 < self.val_fraction < 1, f"{p}.val_fraction", self.val_fraction, "use a fraction in (0, 1)")
         _check(0 <= self.test_fraction < 1, f"{p}.test_fraction", self.test_fraction, "use a fraction in [0, 1)")
         _check(self.synthetic_size >= 8, f"{p}.synthetic_size", self.synthetic_size, "use at least 8")
@@ -192,6 +199,11 @@ class OutputConfig:
 
     def validate(self, p: str) -> None:
         _check(bool(self.uri.strip()), f"{p}.uri", self.uri, "give a local directory or an s3:// / gs:// URI")
+        scheme, sep, rest = self.uri.partition("://")
+        if sep and scheme.lower() in ("s3", "gs", "gcs"):  # object keys are literal: '..' would not go up
+            parts = rest.split("?", 1)[0].split("/")[1:]
+            _check(not any(part in (".", "..") for part in parts), f"{p}.uri", self.uri,
+                   "write the object-storage prefix without '.' or '..' components")
 
 
 @dataclass(frozen=True)
@@ -301,6 +313,9 @@ def expand_target(text: str) -> list[str]:
     return [str(parse_target(t)) for t in out]
 
 
+_JOB_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+
+
 @dataclass(frozen=True)
 class JobConfig:
     name: str = "job"
@@ -322,6 +337,9 @@ class JobConfig:
     sweep: SweepConfig = field(default_factory=SweepConfig)  # read by `raykfe sweep` only
 
     def validate(self, p: str = "") -> None:
+        # the name becomes part of Ray Train / Tune run directories: one plain path component
+        _check(bool(_JOB_NAME.fullmatch(self.name)), "name", self.name,
+               "use letters, digits, '.', '_' and '-' only, starting with a letter or digit (no '/' or '..')")
         _check(self.device == "cpu" or self.device.startswith("cuda"), "device", self.device, "use 'cpu' or 'cuda[:N]'")
         _check(self.runtime in ("ray", "local"), "runtime", self.runtime, "use 'ray' or 'local'")
         for f in fields(self):
@@ -337,6 +355,10 @@ class JobConfig:
 
 def _type_name(tp) -> str:
     return getattr(tp, "__name__", str(tp)).replace("typing.", "")
+
+
+#: a number in scientific notation that YAML 1.1 (PyYAML) leaves a string: 1e-4, 5E3, -2.5e+2
+_SCIENTIFIC = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
 def _coerce(value: Any, tp, key: str) -> Any:
@@ -370,7 +392,11 @@ def _coerce(value: Any, tp, key: str) -> Any:
             return value
         raise ConfigError(f"{key}={value!r} has the wrong type: expected an integer")
     if tp is float:
+        if isinstance(value, str) and _SCIENTIFIC.fullmatch(value.strip()):
+            value = float(value)  # YAML 1.1 reads 1e-4 (no dot) as a string; it means a number
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                raise ConfigError(f"{key}={value!r} is not a finite number: give a real value, e.g. 0.01")
             return float(value)
         raise ConfigError(f"{key}={value!r} has the wrong type: expected a number")
     if tp is str:

@@ -24,7 +24,10 @@ Datasets
     2 pixels (edge-replicated) on the train split.
 ``cifar10`` / ``cifar100``
     Read from ``root`` in the python-pickle layout of the official archives
-    (``cifar-10-batches-py/`` or ``cifar-100-python/``); never downloaded. val = a seeded
+    (``cifar-10-batches-py/`` or ``cifar-100-python/``); never downloaded. The pickles are read by
+    a restricted unpickler that resolves only the numpy array globals a CIFAR batch needs and
+    refuses every other class or function (and object arrays) with a one-line DataError, so a
+    planted pickle cannot run code. val = a seeded
     ``val_fraction`` of the official train set, test = the official test set. Standard
     per-channel normalisation. ``augment``: random crop 32 with zero padding 4 + horizontal flip,
     on the train split only.
@@ -33,7 +36,14 @@ Datasets
     as the test set when present, otherwise a test split is carved from train). Images are read
     lazily, converted to RGB and resized to ``image_size`` x ``image_size``; ImageNet
     normalisation. val is carved from train. ``augment``: random crop with padding
-    ``image_size // 8`` + horizontal flip on train.
+    ``image_size // 8`` + horizontal flip on train. The train split is in a seeded
+    class-interleaved order (not folder order), so that a capped statistics pass
+    (``stats.max_batches``), which reads a prefix, sees every class.
+``parquet``
+    Shards ``root/train-*.parquet`` (required) and ``root/val-*.parquet`` (optional, the test set)
+    with an ``image`` column (encoded bytes) and a ``label`` column (:mod:`raykfe.stream` has the
+    layout and ``write_parquet_shards``). Decoded like ``imagefolder``; splits are taken in storage
+    order (the writer shuffles), read row group by row group.
 ``synthetic``
     ``synthetic_size`` examples in ``num_classes`` (default 10) classes; each class is a fixed,
     seeded, low-frequency random pattern, each example that pattern plus Gaussian noise. Split
@@ -41,10 +51,17 @@ Datasets
 
 Object storage
 --------------
-``root`` of ``cifar10`` / ``cifar100`` / ``imagefolder`` may be an ``s3://`` or ``gs://`` URI
-(S3-compatible servers: ``?endpoint_override=http://host:port&scheme=http&region=...``; credentials
-from the environment, a URI carrying them is refused). The files the loader needs (the CIFAR batches
-and meta file, or every ``train|val/<class>/<image>``) are mirrored file by file into a local cache,
+``root`` of ``cifar10`` / ``cifar100`` / ``imagefolder`` / ``parquet`` may be an ``s3://`` or
+``gs://`` URI (S3-compatible servers: ``?endpoint_override=http://host:port&scheme=http&region=...``;
+credentials from the environment, a URI carrying them is refused).
+
+``access="stream"`` (the default): nothing is copied to disk. The root is listed once per process
+(:mod:`raykfe.stream`), an image is fetched with one GET when its example is loaded (a batch's
+objects concurrently), parquet shards are read by row group, CIFAR batches straight into memory.
+Errors are one line naming ``data.root`` (and the object that cannot be read).
+
+``access="mirror"`` (not for ``parquet``): the files the loader needs (the CIFAR batches and meta
+file, or every ``train|val/<class>/<image>``) are mirrored file by file into a local cache,
 ``$RAYKFE_DATA_CACHE/<sha>`` (default base ``~/.cache/raykfe/data``; ``<sha>`` = 16 hex digits of
 the SHA-256 of the URI without credentials), each written to a temporary name and renamed, and a
 file already cached with the remote's size is not copied again. Loading then reads the local copy.
@@ -76,8 +93,19 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from raykfe.errors import ConfigError, DataError, RaykfeError
+from raykfe.stream import (
+    ShardIndex,
+    Source,
+    decode_many,
+    group_images,
+    list_image_tree,
+    list_shards,
+    read_shard_index,
+)
 
-__all__ = ["DataSplits", "load_data", "make_loader", "list_datasets", "data_cache_dir", "is_remote_root"]
+__all__ = [
+    "DataSplits", "load_data", "make_loader", "loader_options", "list_datasets", "data_cache_dir", "is_remote_root",
+]
 
 _CIFAR_STATS = {
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
@@ -172,8 +200,46 @@ class _CifarSplit(_SplitBase):
         return (x - self.mean) / self.std, self.labels[i]
 
 
-class _FileSplit(_SplitBase):
-    """Images read lazily from files; RGB, resized to ``image_size``, normalised."""
+class _ImageSplit(_SplitBase):
+    """Images decoded lazily: RGB, resized to ``image_size``, ImageNet-normalised, augmented on train.
+
+    ``__getitems__`` (what a DataLoader calls for a batch) fetches and decodes the batch's images
+    concurrently on the process's I/O threads; augmentation then draws from torch's RNG in order,
+    so a batch is the same however it was fetched. Subclasses say where an image's bytes are.
+    """
+
+    remote = False  # True: read from object storage (DataLoader workers must not be forked)
+    blocks: torch.Tensor | None = None  # int64 [n]: storage block (row group) of each example
+
+    def __init__(self, labels: torch.Tensor, indices: torch.Tensor, *, image_size: int, augment: bool) -> None:
+        self.labels = labels
+        self.indices = indices
+        self.image_size = image_size
+        self.augment = augment
+        self.mean = torch.tensor(_IMAGENET_STATS[0]).view(3, 1, 1)
+        self.std = torch.tensor(_IMAGENET_STATS[1]).view(3, 1, 1)
+
+    def _fetchers(self, idx: list[int]) -> list[tuple[Any, str]]:
+        """``(callable returning the bytes or a local path, name for messages)`` per example."""
+        raise NotImplementedError
+
+    def _finish(self, arr: np.ndarray, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x = torch.from_numpy(arr).permute(2, 0, 1).float().div_(255.0)  # [3, H, W]
+        if self.augment:
+            x = _crop_flip(x, pad=max(1, self.image_size // 8))
+        return (x - self.mean) / self.std, self.labels[i]
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.__getitems__([i])[0]
+
+    def __getitems__(self, idx: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        idx = [int(i) for i in idx]
+        arrays = decode_many(self._fetchers(idx), self.image_size)
+        return [self._finish(a, i) for a, i in zip(arrays, idx)]
+
+
+class _FileSplit(_ImageSplit):
+    """Images read lazily from local files (``paths``)."""
 
     def __init__(
         self,
@@ -184,32 +250,58 @@ class _FileSplit(_SplitBase):
         image_size: int,
         augment: bool,
     ) -> None:
+        super().__init__(labels, indices, image_size=image_size, augment=augment)
         self.paths = paths
-        self.labels = labels
-        self.indices = indices
-        self.image_size = image_size
-        self.augment = augment
-        self.mean = torch.tensor(_IMAGENET_STATS[0]).view(3, 1, 1)
-        self.std = torch.tensor(_IMAGENET_STATS[1]).view(3, 1, 1)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        from PIL import Image
+    def _fetchers(self, idx: list[int]) -> list[tuple[Any, str]]:
+        return [((lambda p=self.paths[i]: p), str(self.paths[i])) for i in idx]
 
-        path = self.paths[i]
-        try:
-            with Image.open(path) as img:
-                img = img.convert("RGB").resize(
-                    (self.image_size, self.image_size), Image.Resampling.BILINEAR
-                )
-                arr = np.asarray(img, dtype=np.uint8).copy()  # [H, W, 3]
-        except OSError as exc:
-            raise DataError(
-                f"cannot read image '{path}' ({exc}): remove or replace the file"
-            ) from None
-        x = torch.from_numpy(arr).permute(2, 0, 1).float().div_(255.0)  # [3, H, W]
-        if self.augment:
-            x = _crop_flip(x, pad=max(1, self.image_size // 8))
-        return (x - self.mean) / self.std, self.labels[i]
+
+class _ObjectSplit(_ImageSplit):
+    """Images streamed one object each from object storage (``keys`` relative to ``source``)."""
+
+    remote = True
+
+    def __init__(
+        self, source: Source, keys: list[str], labels: torch.Tensor, indices: torch.Tensor, *, image_size: int, augment: bool
+    ) -> None:
+        super().__init__(labels, indices, image_size=image_size, augment=augment)
+        self.source, self.keys = source, keys
+
+    def _fetchers(self, idx: list[int]) -> list[tuple[Any, str]]:
+        return [((lambda k=self.keys[i]: self.source.read(k)), self.source.name(self.keys[i])) for i in idx]
+
+
+class _ParquetSplit(_ImageSplit):
+    """Examples ``rows`` of a :class:`raykfe.stream.ShardIndex`, read by row group.
+
+    ``indices`` are the rows (positions in the concatenated shards), ``blocks`` their row groups.
+    """
+
+    def __init__(
+        self, source: Source, index: ShardIndex, rows: np.ndarray, *, image_size: int, augment: bool
+    ) -> None:
+        rows = np.asarray(rows, dtype=np.int64)
+        super().__init__(
+            torch.from_numpy(index.labels[rows]), torch.from_numpy(rows), image_size=image_size, augment=augment
+        )
+        self.source, self.index, self.remote = source, index, source.remote
+        self.blocks = torch.from_numpy(index.group_of(rows))
+
+    def _fetchers(self, idx: list[int]) -> list[tuple[Any, str]]:
+        rows = self.indices[idx].numpy()
+        groups = self.index.group_of(rows)
+        images = {int(g): group_images(self.source, self.index, int(g)) for g in dict.fromkeys(groups.tolist())}
+        out = []
+        for row, g in zip(rows.tolist(), groups.tolist()):
+            local = row - int(self.index.group_start[g])
+            shard = self.index.files[int(self.index.group_file[g])]
+            out.append(((lambda b=images[g][local]: b), f"{self.source.name(shard)} row {row - self._shard_start(g)}"))
+        return out
+
+    def _shard_start(self, g: int) -> int:
+        first = int(np.searchsorted(self.index.group_file, self.index.group_file[g], side="left"))
+        return int(self.index.group_start[first])
 
 
 def _crop_flip(x: torch.Tensor, *, pad: int) -> torch.Tensor:
@@ -370,41 +462,125 @@ def _resolve_root(name: str, root: str | os.PathLike[str] | None, what: str) -> 
     path = Path(root).expanduser()
     if not path.is_dir():
         raise DataError(
-            f"{name} data not found under '{path}': the folder does not exist; "
+            f"{name} data not found under data.root '{path}': the folder does not exist; "
             f"put {what} there (raykfe never downloads data)"
         )
     return path
 
 
-def _read_pickle(path: Path, name: str) -> dict[str, Any]:
+class _RefusedGlobal(pickle.UnpicklingError):
+    """A CIFAR pickle named a class or function outside :data:`_CIFAR_GLOBALS`."""
+
+
+def _numpy_global(qualname: str) -> Any:
+    """``module.attr`` from numpy 2 (``numpy._core``) or numpy 1 (``numpy.core``)."""
+    import importlib
+
+    module, _, attr = qualname.rpartition(".")
+    for candidate in (module.replace("numpy.core", "numpy._core"), module):
+        try:
+            return getattr(importlib.import_module(candidate), attr)
+        except (ImportError, AttributeError):
+            continue
+    raise _RefusedGlobal(f"'{qualname}' (not in this numpy)")
+
+
+def _plain_dtype(*args: Any) -> np.dtype:
+    dtype = np.dtype(*args)
+    if dtype.hasobject:  # an object array would hold whatever the pickle builds
+        raise _RefusedGlobal("an object array")
+    return dtype
+
+
+#: every global a CIFAR batch (numpy arrays in a dict) needs, in numpy 1 and 2 spellings and every
+#: pickle protocol; each maps to the callable the unpickler gets instead of importing the name
+_CIFAR_GLOBALS: dict[tuple[str, str], Any] = {
+    ("numpy", "dtype"): _plain_dtype,
+    ("numpy", "ndarray"): np.ndarray,  # the type itself: _reconstruct needs it; its dtype comes from _plain_dtype
+    **{(m, "_reconstruct"): "numpy.core.multiarray._reconstruct" for m in ("numpy.core.multiarray", "numpy._core.multiarray")},
+    **{(m, "_frombuffer"): "numpy.core.numeric._frombuffer" for m in ("numpy.core.numeric", "numpy._core.numeric")},
+    ("_codecs", "encode"): "codecs.encode",  # bytes pickled by Python 3 at protocol 2
+}
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Unpickles a CIFAR batch and nothing else: no global outside :data:`_CIFAR_GLOBALS` is ever
+    imported or called, so a planted pickle cannot run code (it fails with a one-line DataError)."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        target = _CIFAR_GLOBALS.get((module, name))
+        if target is None:
+            raise _RefusedGlobal(f"'{module}.{name}'")
+        if target == "codecs.encode":
+            import codecs
+
+            return codecs.encode
+        return _numpy_global(target) if isinstance(target, str) else target
+
+
+def _check_cifar_dict(entry: Any) -> dict[str, Any]:
+    if not isinstance(entry, dict):
+        raise ValueError(f"a {type(entry).__name__}, not a dict")
+    if any(isinstance(v, np.ndarray) and v.dtype.hasobject for v in entry.values()):
+        raise _RefusedGlobal("an object array")
+    return entry
+
+
+def _read_pickle(path: Path | tuple[Source, str], name: str) -> dict[str, Any]:
+    """A CIFAR pickle from a local ``path`` or, as ``(source, relative name)``, from object storage
+    straight into memory."""
+    import io
+
+    where = path if isinstance(path, Path) else path[0].name(path[1])
     try:
-        with open(path, "rb") as f:
-            return pickle.load(f, encoding="latin1")
-    except (OSError, pickle.UnpicklingError, EOFError, ValueError) as exc:
+        if isinstance(path, Path):
+            with open(path, "rb") as f:
+                return _check_cifar_dict(_CifarUnpickler(f, encoding="latin1").load())
+        return _check_cifar_dict(_CifarUnpickler(io.BytesIO(path[0].read(path[1])), encoding="latin1").load())
+    except _RefusedGlobal as exc:
         raise DataError(
-            f"{name} file '{path}' cannot be read ({type(exc).__name__}): "
+            f"{name} file '{where}' is not a plain CIFAR batch: it asks for {exc.args[0]}, which raykfe never "
+            "loads (only numpy arrays, lists, numbers and strings): re-extract the official python archive"
+        ) from None
+    except DataError as exc:  # an object-storage read failed
+        raise DataError(f"{name}: {str(exc).replace('cannot read image', 'cannot read')}") from None
+    except Exception as exc:  # truncated or garbage bytes: pickle raises many kinds
+        raise DataError(
+            f"{name} file '{where}' cannot be read ({type(exc).__name__}): "
             "re-extract the official python archive"
         ) from None
 
 
+def _where(folder: Path | tuple[Source, str], fname: str = "") -> str:
+    """A local folder / file, or its public name on object storage, for messages."""
+    if isinstance(folder, Path):
+        return str(folder / fname) if fname else str(folder)
+    return folder[0].name(f"{folder[1]}/{fname}".strip("/"))
+
+
 def _read_cifar_batches(
-    folder: Path, files: list[str], label_key: str, name: str
+    folder: Path | tuple[Source, str], files: list[str], label_key: str, name: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Concatenate pickle batches into uint8 images [N, 3, 32, 32] and int64 labels [N]."""
+    """Concatenate pickle batches into uint8 images [N, 3, 32, 32] and int64 labels [N].
+
+    ``folder`` is a local folder or ``(source, relative folder)`` on object storage."""
     datas, labels = [], []
     for fname in files:
-        entry = _read_pickle(folder / fname, name)
+        if isinstance(folder, Path):
+            entry = _read_pickle(folder / fname, name)
+        else:
+            entry = _read_pickle((folder[0], f"{folder[1]}/{fname}".lstrip("/")), name)
         try:
             data = np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
             lab = np.asarray(entry[label_key], dtype=np.int64)
         except (KeyError, ValueError) as exc:
             raise DataError(
-                f"{name} file '{folder / fname}' is not a CIFAR batch ({exc}): "
+                f"{name} file '{_where(folder, fname)}' is not a CIFAR batch ({exc}): "
                 "re-extract the official python archive"
             ) from None
         if len(lab) != len(data):
             raise DataError(
-                f"{name} file '{folder / fname}' has {len(data)} images but {len(lab)} labels: "
+                f"{name} file '{_where(folder, fname)}' has {len(data)} images but {len(lab)} labels: "
                 "re-extract the official python archive"
             )
         datas.append(data)
@@ -434,25 +610,42 @@ def _load_cifar(
     label_key, k = ("labels", 10) if name == "cifar10" else ("fine_labels", 100)
     _check_num_classes(name, num_classes, k)
     what = f"the extracted '{folder_name}' folder"
-    base = _resolve_root(name, root, what)
-    folder = base if (base / train_files[0]).is_file() else base / folder_name
-    missing = [f for f in [*train_files, *test_files, meta_file] if not (folder / f).is_file()]
-    if missing:
-        raise DataError(
-            f"{name} data not found under '{base}' (missing {', '.join(missing)}): "
-            f"put {what} there (raykfe never downloads data)"
-        )
+    folder: Path | tuple[Source, str]
+    if is_remote_root(root):  # streamed: the batches are read from object storage into memory
+        source = _remote_source(name, str(root))
+        try:
+            files, missing = _remote_cifar(name, source.location())
+        except Exception as exc:
+            raise _unlisted(name, source, exc) from None
+        if missing or not files:
+            problem = f"missing {', '.join(missing)}" if files else f"no '{folder_name}' folder or files there"
+            raise DataError(
+                f"{name} data not found at data.root '{source.public}' ({problem}): put {what} "
+                "(or its files) there (raykfe never downloads data)"
+            )
+        folder = (source, next(iter(files)).rpartition("/")[0])
+    else:
+        base = _resolve_root(name, root, what)
+        folder = base if (base / train_files[0]).is_file() else base / folder_name
+        missing = [f for f in [*train_files, *test_files, meta_file] if not (folder / f).is_file()]
+        if missing:
+            raise DataError(
+                f"{name} data not found under data.root '{base}' (missing {', '.join(missing)}): "
+                f"put {what} there (raykfe never downloads data)"
+            )
     train_x, train_y = _read_cifar_batches(folder, train_files, label_key, name)
     test_x, test_y = _read_cifar_batches(folder, test_files, label_key, name)
     for split_y in (train_y, test_y):
         if len(split_y) and (int(split_y.min()) < 0 or int(split_y.max()) >= k):
             raise DataError(
-                f"{name} labels under '{folder}' fall outside [0, {k}): "
+                f"{name} labels under '{_where(folder)}' fall outside [0, {k}): "
                 "re-extract the official python archive"
             )
+    if len(train_y) == 0:
+        raise DataError(f"{name} train set under '{_where(folder)}' is empty (its batches hold no image): re-extract the archive")
     parts = _split_indices(train_y.numpy(), {"val": val_fraction}, seed, name)
     if len(test_y) == 0:
-        raise DataError(f"{name} test set under '{folder}' is empty: re-extract the archive")
+        raise DataError(f"{name} test set under '{_where(folder)}' is empty: re-extract the archive")
     mean, std = _CIFAR_STATS[name]
 
     def make(x: torch.Tensor, y: torch.Tensor, idx: np.ndarray, aug: bool) -> _CifarSplit:
@@ -483,6 +676,50 @@ def _scan_image_tree(folder: Path) -> dict[str, list[Path]]:
     return out
 
 
+def _image_splits(
+    name: str,
+    classes: list[str],
+    train_labels: np.ndarray,
+    test_labels: np.ndarray | None,
+    make: Any,
+    *,
+    image_size: int,
+    seed: int,
+    val_fraction: float,
+    test_fraction: float,
+    augment: bool,
+    interleave: bool,
+    where: str,
+) -> DataSplits:
+    """Split an image collection: ``make(which, idx, augment)`` builds the split of examples ``idx``
+    of ``"train"`` (the train pool) or ``"test"`` (the separate test set, when ``test_labels`` is
+    given; else the test split is carved from the train pool).
+
+    ``interleave``: order the train split by a seeded class-interleaved permutation instead of
+    storage order, so that any prefix - what a capped statistics pass (``stats.max_batches``) reads
+    - holds every class in proportion. Sharded formats keep storage order (reads stay sequential;
+    their writer shuffles). ``where``: the root, for messages.
+    """
+    label = f"{name} at data.root '{where}'"
+    if test_labels is not None:
+        parts = _split_indices(train_labels, {"val": val_fraction}, seed, label)
+        test = make("test", np.arange(len(test_labels)), False)
+    else:
+        parts = _split_indices(train_labels, {"test": test_fraction, "val": val_fraction}, seed, label)
+        test = make("train", parts["test"], False)
+    train_idx = parts["train"]
+    if interleave:
+        train_idx = train_idx[_stratified_order(train_labels[train_idx], np.random.default_rng([seed, 1]))]
+    return DataSplits(
+        train=make("train", train_idx, augment),
+        val=make("train", parts["val"], False),
+        test=test,
+        num_classes=len(classes),
+        input_shape=(3, image_size, image_size),
+        name=name,
+    )
+
+
 def _load_imagefolder(
     root: str | None,
     *,
@@ -495,65 +732,136 @@ def _load_imagefolder(
 ) -> DataSplits:
     name = "imagefolder"
     what = "train/<class>/*.png|jpg (and optionally val/<class>/...)"
-    base = _resolve_root(name, root, what)
-    train_dir = base / "train"
-    if not train_dir.is_dir():
-        raise DataError(
-            f"imagefolder: no 'train' folder under '{base}': put images in "
-            f"'{train_dir}/<class>/*.png|jpg'"
-        )
-    train_tree = _scan_image_tree(train_dir)
-    if not train_tree:
-        raise DataError(
-            f"imagefolder: no images found under '{train_dir}': put images in "
-            f"'{train_dir}/<class>/*.png|jpg'"
-        )
+    items: dict[str, list[Any]] = {}
+    if is_remote_root(root):  # streamed: one listing, then one GET per image when it is needed
+        source = _remote_source(name, str(root))
+        try:
+            tree = list_image_tree(source)
+        except RaykfeError:
+            raise
+        except Exception as exc:
+            raise _unlisted(name, source, exc) from None
+        train_tree, test_tree = tree["train"], tree["val"] or None
+        if not train_tree:
+            raise DataError(
+                f"{name} data not found at data.root '{source.public}' (no train/<class>/*.png|jpg objects): "
+                f"put an ImageFolder tree {what} there (raykfe never downloads data)"
+            )
+        train_where, val_where = source.name("train"), source.name("val")
+    else:
+        base = _resolve_root(name, root, what)
+        train_dir = base / "train"
+        if not train_dir.is_dir():
+            raise DataError(
+                f"imagefolder: no 'train' folder under data.root '{base}': put images in "
+                f"'{train_dir}/<class>/*.png|jpg'"
+            )
+        train_tree = _scan_image_tree(train_dir)
+        if not train_tree:
+            raise DataError(
+                f"imagefolder: no images found under '{train_dir}' (data.root): put images in "
+                f"'{train_dir}/<class>/*.png|jpg'"
+            )
+        val_dir = base / "val"
+        test_tree = _scan_image_tree(val_dir) if val_dir.is_dir() else None
+        if test_tree is not None and not test_tree:
+            raise DataError(
+                f"imagefolder: no images found under '{val_dir}' (data.root): add images or remove the folder"
+            )
+        train_where, val_where = str(train_dir), str(val_dir)
     classes = sorted(train_tree)
     _check_num_classes(name, num_classes, len(classes))
     class_index = {c: i for i, c in enumerate(classes)}
-    paths = [p for c in classes for p in train_tree[c]]
+    items["train"] = [p for c in classes for p in train_tree[c]]
     labels = np.array([class_index[c] for c in classes for _ in train_tree[c]], dtype=np.int64)
-
-    def make(
-        ps: list[Path], ys: np.ndarray, idx: np.ndarray, aug: bool
-    ) -> _FileSplit:
-        return _FileSplit(
-            [ps[i] for i in idx],
-            torch.from_numpy(ys[idx].astype(np.int64)),
-            torch.from_numpy(idx.astype(np.int64)),
-            image_size=image_size,
-            augment=aug,
-        )
-
-    val_dir = base / "val"
-    if val_dir.is_dir():
-        test_tree = _scan_image_tree(val_dir)
+    test_labels = None
+    if test_tree is not None:
         unknown = sorted(set(test_tree) - set(classes))
         if unknown:
             raise DataError(
-                f"imagefolder: classes {', '.join(unknown)} in '{val_dir}' are not in "
-                f"'{train_dir}': use the same class folders in both"
+                f"imagefolder: classes {', '.join(unknown)} in '{val_where}' are not in "
+                f"'{train_where}': use the same class folders in both"
             )
-        test_paths = [p for c in classes for p in test_tree.get(c, [])]
-        if not test_paths:
-            raise DataError(
-                f"imagefolder: no images found under '{val_dir}': add images or remove the folder"
-            )
-        test_labels = np.array(
-            [class_index[c] for c in classes for _ in test_tree.get(c, [])], dtype=np.int64
-        )
-        parts = _split_indices(labels, {"val": val_fraction}, seed, name)
-        test = make(test_paths, test_labels, np.arange(len(test_paths)), False)
+        items["test"] = [p for c in classes for p in test_tree.get(c, [])]
+        test_labels = np.array([class_index[c] for c in classes for _ in test_tree.get(c, [])], dtype=np.int64)
+    ys = {"train": labels, "test": test_labels}
+
+    def make(which: str, idx: np.ndarray, aug: bool) -> _ImageSplit:
+        chosen = [items[which][i] for i in idx]
+        y = torch.from_numpy(ys[which][idx].astype(np.int64))
+        t = torch.from_numpy(idx.astype(np.int64))
+        if is_remote_root(root):
+            return _ObjectSplit(source, chosen, y, t, image_size=image_size, augment=aug)
+        return _FileSplit(chosen, y, t, image_size=image_size, augment=aug)
+
+    return _image_splits(
+        name, classes, labels, test_labels, make, image_size=image_size, seed=seed, val_fraction=val_fraction,
+        test_fraction=test_fraction, augment=augment, interleave=True,
+        where=source.public if is_remote_root(root) else str(base),
+    )
+
+
+def _load_parquet(
+    root: str | None,
+    *,
+    image_size: int,
+    seed: int,
+    val_fraction: float,
+    test_fraction: float,
+    augment: bool,
+    num_classes: int | None,
+) -> DataSplits:
+    """Parquet shards ``train-*.parquet`` (required) and ``val-*.parquet`` (optional, the test set)
+    under a local folder or object storage; read by row group as needed (:mod:`raykfe.stream`)."""
+    name = "parquet"
+    what = "parquet shards train-*.parquet (and optionally val-*.parquet) with columns image, label"
+    if is_remote_root(root):
+        source = _remote_source(name, str(root))
     else:
-        parts = _split_indices(labels, {"test": test_fraction, "val": val_fraction}, seed, name)
-        test = make(paths, labels, parts["test"], False)
-    return DataSplits(
-        train=make(paths, labels, parts["train"], augment),
-        val=make(paths, labels, parts["val"], False),
-        test=test,
-        num_classes=len(classes),
-        input_shape=(3, image_size, image_size),
-        name=name,
+        base = _resolve_root(name, root, what)
+        source = Source(str(base), str(base), remote=False)
+    try:
+        train_files, val_files = list_shards(source, "train"), list_shards(source, "val")
+    except RaykfeError:
+        raise
+    except Exception as exc:
+        raise _unlisted(name, source, exc) from None
+    if not train_files:
+        raise DataError(
+            f"{name} data not found at data.root '{source.public}' (no train-*.parquet there): put {what} "
+            "there, e.g. written by raykfe.stream.write_parquet_shards (raykfe never downloads data)"
+        )
+    train_index = read_shard_index(source, train_files)
+    test_index = read_shard_index(source, val_files) if val_files else None
+    for index, files in ((train_index, train_files), (test_index, val_files)):
+        if index is not None and len(index) == 0:
+            raise DataError(
+                f"{name}: the shards {files[0]}... under data.root '{source.public}' hold no rows: "
+                "write shards with images or remove them"
+            )
+    classes = train_index.classes
+    k = len(classes) if classes else int(train_index.labels.max()) + 1
+    if test_index is not None:
+        k = max(k, int(test_index.labels.max()) + 1) if not classes else k
+    for index in (train_index, test_index):
+        if index is not None and int(index.labels.max()) >= k:
+            raise DataError(
+                f"{name}: labels under data.root '{source.public}' reach {int(index.labels.max())} but the "
+                f"shards name {k} classes: rewrite the shards with consistent labels"
+            )
+    if num_classes is not None and classes is None:
+        k = max(k, num_classes)  # shards without class names: trust the job's count if it is larger
+    _check_num_classes(name, num_classes, k)
+    indexes = {"train": train_index, "test": test_index}
+
+    def make(which: str, idx: np.ndarray, aug: bool) -> _ParquetSplit:
+        return _ParquetSplit(source, indexes[which], idx, image_size=image_size, augment=aug)
+
+    return _image_splits(
+        name, classes or [str(i) for i in range(k)], train_index.labels,
+        None if test_index is None else test_index.labels, make, image_size=image_size, seed=seed,
+        val_fraction=val_fraction, test_fraction=test_fraction, augment=augment, interleave=False,
+        where=source.public,
     )
 
 
@@ -571,8 +879,30 @@ _log = logging.getLogger(__name__)
 
 
 def is_remote_root(root: Any) -> bool:
-    """True for an ``s3://`` / ``gs://`` data root (mirrored into the local cache before loading)."""
+    """True for an ``s3://`` / ``gs://`` data root (streamed, or mirrored with ``access="mirror"``)."""
     return isinstance(root, str) and urlsplit(root).scheme.lower() in _REMOTE_SCHEMES
+
+
+def _refuse_secrets(name: str, uri: str) -> None:
+    if _secret_in(uri):
+        raise DataError(
+            f"{name}: data.root for bucket '{urlsplit(uri).hostname}' carries credentials: remove them "
+            "from the URI and set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or "
+            "GOOGLE_APPLICATION_CREDENTIALS) in the environment"
+        )
+
+
+def _remote_source(name: str, uri: str) -> Source:
+    """A streamed object-storage root; a URI carrying credentials is refused."""
+    _refuse_secrets(name, uri)
+    return Source(uri, _public_uri(uri), remote=True)
+
+
+def _unlisted(name: str, source: Source, exc: BaseException) -> DataError:
+    return DataError(
+        f"{name}: data.root '{source.public}' cannot be listed: {_first_line(exc)}: check the URI, the endpoint "
+        "and the credentials (AWS_* / GOOGLE_APPLICATION_CREDENTIALS in the environment)"
+    )
 
 
 def _secret_in(uri: str) -> bool:
@@ -737,12 +1067,7 @@ def _mirror_remote_root(name: str, uri: str) -> str:
     """
     from raykfe.storage import open_uri
 
-    if _secret_in(uri):
-        raise DataError(
-            f"{name}: data.root for bucket '{urlsplit(uri).hostname}' carries credentials: remove them "
-            "from the URI and set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or "
-            "GOOGLE_APPLICATION_CREDENTIALS) in the environment"
-        )
+    _refuse_secrets(name, uri)
     public = _public_uri(uri)
     cache = data_cache_dir(uri)
     if name in ("cifar10", "cifar100"):
@@ -787,7 +1112,7 @@ def _mirror_remote_root(name: str, uri: str) -> str:
     )
 
 
-_DATASETS = ("cifar10", "cifar100", "digits", "imagefolder", "synthetic")
+_DATASETS = ("cifar10", "cifar100", "digits", "imagefolder", "parquet", "synthetic")
 
 
 def list_datasets() -> list[str]:
@@ -806,12 +1131,17 @@ def load_data(
     augment: bool = False,
     synthetic_size: int = 512,
     num_classes: int | None = None,
+    access: str = "stream",
+    workers: int = 0,
 ) -> DataSplits:
     """Load a dataset and split it into train / val / test (see the module docstring).
 
     ``test_fraction`` applies only where the test set is carved out (digits, synthetic,
-    imagefolder without ``val/``); ``num_classes`` sets the class count of ``synthetic`` and is
-    checked against the data elsewhere.
+    imagefolder / parquet without a val set); ``num_classes`` sets the class count of ``synthetic``
+    and is checked against the data elsewhere. ``access`` (an object-storage root only): ``"stream"``
+    reads what is needed from the bucket, ``"mirror"`` copies the files into the local cache first
+    (not for ``parquet``). ``workers``: DataLoader processes that :func:`make_loader` (and the Ray
+    Train workers) use for these splits, recorded on each split as ``workers``.
 
     Raises:
         ConfigError: unknown name or invalid argument.
@@ -826,8 +1156,25 @@ def load_data(
     ):
         raise ConfigError(f"num_classes must be a positive integer, got {num_classes!r}")
     _check_fractions(val_fraction, test_fraction)
+    if access not in ("stream", "mirror"):
+        raise ConfigError(f"data.access={access!r} is invalid: use stream or mirror")
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
+        raise ConfigError(f"data.workers={workers!r} is invalid: use 0 (load in the main process) or more processes")
     seed = int(seed)
+    splits = _load(
+        name, root=root, image_size=image_size, seed=seed, val_fraction=val_fraction, test_fraction=test_fraction,
+        augment=augment, synthetic_size=synthetic_size, num_classes=num_classes, access=access,
+    )
+    for split in (splits.train, splits.val, splits.test):
+        split.workers = workers
+    return splits
 
+
+def _load(
+    name: str, *, root: Any, image_size: int, seed: int, val_fraction: float, test_fraction: float, augment: bool,
+    synthetic_size: int, num_classes: int | None, access: str,
+) -> DataSplits:
+    """:func:`load_data` after its argument checks."""
     if name == "digits":
         _check_num_classes(name, num_classes, 10)
         return _load_digits(
@@ -847,8 +1194,13 @@ def load_data(
             test_fraction=test_fraction,
             shift=2 if augment else 0,
         )
-    if name in ("cifar10", "cifar100", "imagefolder") and is_remote_root(root):
+    if name in ("cifar10", "cifar100", "imagefolder") and is_remote_root(root) and access == "mirror":
         root = _mirror_remote_root(name, root)
+    if name == "parquet":
+        return _load_parquet(
+            root, image_size=image_size, seed=seed, val_fraction=val_fraction, test_fraction=test_fraction,
+            augment=augment, num_classes=num_classes,
+        )
     if name in ("cifar10", "cifar100"):
         return _load_cifar(
             name,
@@ -870,6 +1222,39 @@ def load_data(
     )
 
 
+def loader_options(dataset: Dataset, workers: int | None = None) -> dict[str, Any]:
+    """DataLoader keyword arguments for reading ``dataset`` with ``workers`` processes (default: the
+    ``workers`` the dataset was loaded with, ``data.workers``).
+
+    Workers of an object-storage dataset start with ``forkserver``: pyarrow's S3 client is not
+    fork-safe, and a forked copy of a process that has used it can hang. Each worker opens its own
+    filesystem (:class:`raykfe.stream.Source`). Workers persist across epochs (starting them costs
+    seconds: torch is imported once per worker).
+    """
+    if workers is None:
+        workers = int(getattr(dataset, "workers", 0) or 0)
+    if workers <= 0:
+        return {"num_workers": 0}
+    opts: dict[str, Any] = {"num_workers": workers, "persistent_workers": True, "prefetch_factor": 4}
+    if _is_remote_dataset(dataset):
+        import multiprocessing
+
+        ctx = multiprocessing.get_context("forkserver")
+        ctx.set_forkserver_preload(["torch", "raykfe.data"])
+        opts["multiprocessing_context"] = ctx
+    return opts
+
+
+def _is_remote_dataset(dataset: Any) -> bool:
+    """Whether ``dataset`` (or the dataset a subset wraps) reads from object storage."""
+    while dataset is not None:
+        if getattr(dataset, "remote", False):
+            return True
+        inner = getattr(dataset, "base", None)
+        dataset = inner if inner is not None else getattr(dataset, "dataset", None)
+    return False
+
+
 def make_loader(
     dataset: Dataset,
     batch_size: int,
@@ -877,8 +1262,11 @@ def make_loader(
     shuffle: bool,
     seed: int = 0,
     drop_last: bool = False,
+    workers: int | None = None,
 ) -> DataLoader:
-    """A single-process DataLoader; shuffling is driven by a generator seeded with ``seed``."""
+    """A DataLoader; shuffling is driven by a generator seeded with ``seed``. ``workers`` decode
+    processes (default: the dataset's ``workers``, i.e. ``data.workers``; 0 reads in this process),
+    see :func:`loader_options`."""
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
     gen = torch.Generator()
@@ -887,7 +1275,7 @@ def make_loader(
         dataset,
         batch_size=batch_size,
         shuffle=shuffle,
-        num_workers=0,
         generator=gen,
         drop_last=drop_last,
+        **loader_options(dataset, workers),
     )

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from raykfe.errors import ConfigError, DataError, RaykfeError
+from raykfe.errors import ConfigError, DataError, NumericalError
 
 __all__ = ["TrainSettings", "train", "evaluate", "milestone_epochs"]
 
@@ -83,6 +83,35 @@ def milestone_epochs(settings: TrainSettings) -> list[int]:
     return sorted(m for m in out if 1 <= m < settings.epochs)
 
 
+#: the training stages of a job: (what the message calls it, the config key of its learning rate)
+_STAGES = {"base": ("base training", "base.lr"), "sparsity": ("sparsity training", "sparsity.lr"),
+           "finetune": ("fine-tuning", "finetune.lr")}
+
+
+def _diverged(desc: str, epoch: int, what: str, settings: "TrainSettings", checkpointed: bool) -> NumericalError:
+    """The one-line error of a diverged training stage: which stage, which epoch, the fix, and what is kept.
+
+    Raised before the epoch's checkpoint is written, so the stage's newest checkpoint stays the last
+    finite epoch's (a re-run resumes from it)."""
+    stage, _, rnd = desc.partition("-")
+    name, key = _STAGES.get(stage, ("training" if desc == "train" else f"training ({desc})", "lr"))
+    if rnd:
+        name += f" ({rnd.replace('round', 'round ')})"
+    kept = ""
+    if checkpointed:
+        kept = (f"; the checkpoint of epoch {epoch - 1}, the last finite one, is kept" if epoch > 1
+                else "; no epoch finished, so no checkpoint of this stage was written")
+    return NumericalError(f"{name} diverged at epoch {epoch} ({what}): lower the learning rate ({key}={settings.lr:g}){kept}")
+
+
+def _first_non_finite(model: nn.Module) -> str | None:
+    """The name of the first parameter or floating buffer holding NaN/Inf, else None."""
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            return name.removeprefix("module.")
+    return None
+
+
 def _batches(
     loader: Iterable, device: torch.device
 ) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
@@ -119,7 +148,8 @@ def train(
     with it after each epoch.
 
     Raises:
-        RaykfeError: the training loss became NaN/Inf.
+        NumericalError: the training loss or, at the end of an epoch, a weight became NaN/Inf (the
+            message names the stage ``desc``, the epoch and the fix; that epoch is not checkpointed).
         DataError: the train loader yielded no batch.
     """
     from tqdm import tqdm
@@ -162,10 +192,7 @@ def train(
             logits = model(x)
             loss = F.cross_entropy(logits, y)
             if not torch.isfinite(loss):
-                raise RaykfeError(
-                    f"fine-tuning diverged at epoch {epoch} (loss {loss.item()}): "
-                    f"lower the learning rate (finetune.lr={settings.lr})"
-                )
+                raise _diverged(desc, epoch, f"loss {loss.item()}", settings, checkpoint is not None)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             for g in bn_scales:  # subgradient of bn_l1 * |gamma| (Liu et al. 2017, network slimming)
@@ -178,6 +205,9 @@ def train(
             seen += n
         if seen == 0:
             raise DataError("the training loader yielded no batches: check the train split size")
+        bad = _first_non_finite(model)
+        if bad is not None:  # finite losses, but the last steps left NaN/Inf weights: never checkpoint them
+            raise _diverged(desc, epoch, f"{bad} became NaN/Inf", settings, checkpoint is not None)
         scheduler.step()
         val_acc = None
         if val_loader is not None:

@@ -70,7 +70,12 @@ class StageStore:
         data = self.loc.read_bytes(self._p(f"{stage}.safetensors"))
         if _sha(data) != marker["sha256"]:
             raise StorageError(f"stage {stage!r} under {self.loc.uri!r} is corrupt: re-run with output.overwrite=true")
-        return st_load(data), marker["meta"]
+        try:
+            return st_load(data), marker["meta"]
+        except Exception:  # safetensors only: anything else (a pickle, say) is refused, never executed
+            raise StorageError(
+                f"stage {stage!r} under {self.loc.uri!r} is not a safetensors file: re-run with output.overwrite=true"
+            ) from None
 
     def save_text(self, name: str, text: str) -> None:
         self.loc.write_bytes(self._p(name), text.encode())
@@ -113,7 +118,13 @@ class StageStore:
         data = self.loc.read_bytes(self._p(marker["file"]))
         if _sha(data) != marker["sha256"]:
             return None
-        return int(marker["epoch"]), st_load(data), marker["meta"]
+        try:
+            return int(marker["epoch"]), st_load(data), marker["meta"]
+        except Exception:  # safetensors only: anything else (a pickle, say) is refused, never executed
+            raise StorageError(
+                f"checkpoint {marker['file']!r} under {self.loc.uri!r} is not a safetensors file: "
+                "re-run with output.overwrite=true"
+            ) from None
 
 
 def optimizer_to_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:

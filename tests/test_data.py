@@ -339,8 +339,9 @@ def test_make_loader_batches_and_seeding() -> None:
 
 
 # --------------------------------------------------------------------------- object storage
-# data.root as an s3:// URI on the suite's loopback moto server: the loader's files are mirrored into
-# a local cache (RAYKFE_DATA_CACHE) and loaded from there exactly as from a local root.
+# data.root as an s3:// URI on the suite's loopback moto server with data.access=mirror: the loader's
+# files are mirrored into a local cache (RAYKFE_DATA_CACHE) and loaded from there exactly as from a
+# local root. Streaming (the default) is tested in tests/test_stream.py.
 
 
 def _upload_tree(server, local: Path, prefix: str) -> list[str]:
@@ -397,7 +398,7 @@ def test_cifar10_from_s3_is_mirrored_and_cached(s3_server, tmp_path: Path, data_
     uri = s3_server.uri(prefix)
 
     want = load_data("cifar10", root=str(local), val_fraction=0.2, augment=True, seed=3)
-    got = load_data("cifar10", root=uri, val_fraction=0.2, augment=True, seed=3)
+    got = load_data("cifar10", root=uri, access="mirror", val_fraction=0.2, augment=True, seed=3)
     _same_splits(got, want)
 
     cache = data_cache_dir(uri)
@@ -411,13 +412,13 @@ def test_cifar10_from_s3_is_mirrored_and_cached(s3_server, tmp_path: Path, data_
 
     # a second load copies nothing: every cached file has the remote's size
     before = {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in folder.iterdir()}
-    _same_splits(load_data("cifar10", root=uri, val_fraction=0.2, augment=True, seed=3), want)
+    _same_splits(load_data("cifar10", root=uri, access="mirror", val_fraction=0.2, augment=True, seed=3), want)
     assert {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in folder.iterdir()} == before
 
     # the remote loses a file: the complete earlier mirror is used, with a warning
     s3_server.client().delete_object(Bucket=s3_server.bucket, Key=next(k for k in keys if k.endswith("test_batch")))
     with caplog.at_level("WARNING", logger="raykfe.data"):
-        again = load_data("cifar10", root=uri, val_fraction=0.2, augment=True, seed=3)
+        again = load_data("cifar10", root=uri, access="mirror", val_fraction=0.2, augment=True, seed=3)
     _same_splits(again, want)
     assert any("test_batch" in r.getMessage() and str(cache) in r.getMessage() for r in caplog.records)
 
@@ -426,7 +427,7 @@ def test_cifar10_from_s3_is_mirrored_and_cached(s3_server, tmp_path: Path, data_
 
     shutil.rmtree(cache)
     with pytest.raises(DataError) as info:
-        load_data("cifar10", root=uri, val_fraction=0.2)
+        load_data("cifar10", root=uri, access="mirror", val_fraction=0.2)
     msg = str(info.value)
     assert "data.root" in msg and prefix in msg and "test_batch" in msg and "\n" not in msg
     _no_secret_in(msg)
@@ -445,7 +446,7 @@ def test_cifar100_from_s3_batches_folder_itself(s3_server, tmp_path: Path, data_
     _write_pickle(folder / "meta", {"fine_label_names": [str(i) for i in range(100)]})
     prefix = f"datasets/{uuid.uuid4().hex}/cifar-100-python"  # the URI names the batches folder
     _upload_tree(s3_server, folder, prefix)
-    got = load_data("cifar100", root=s3_server.uri(prefix), val_fraction=0.25)
+    got = load_data("cifar100", root=s3_server.uri(prefix), access="mirror", val_fraction=0.25)
     _same_splits(got, load_data("cifar100", root=str(folder), val_fraction=0.25))
 
 
@@ -460,7 +461,7 @@ def test_imagefolder_from_s3_follows_the_remote(s3_server, tmp_path: Path, data_
     prefix = f"datasets/{uuid.uuid4().hex}/tiny-imagenet"
     keys = _upload_tree(s3_server, local, prefix)
     uri = s3_server.uri(prefix)
-    got = load_data("imagefolder", root=uri, image_size=8, val_fraction=0.2)
+    got = load_data("imagefolder", root=uri, access="mirror", image_size=8, val_fraction=0.2)
     _same_splits(got, load_data("imagefolder", root=str(local), image_size=8, val_fraction=0.2))
     cache = data_cache_dir(uri)
     assert not list(cache.rglob("notes.txt"))  # only what the loader reads is copied
@@ -470,7 +471,7 @@ def test_imagefolder_from_s3_follows_the_remote(s3_server, tmp_path: Path, data_
     gone = next(k for k in keys if k.endswith("train/banana/0.png"))
     s3_server.client().delete_object(Bucket=s3_server.bucket, Key=gone)
     (local / "train" / "banana" / "0.png").unlink()
-    again = load_data("imagefolder", root=uri, image_size=8, val_fraction=0.2)
+    again = load_data("imagefolder", root=uri, access="mirror", image_size=8, val_fraction=0.2)
     assert not (cache / "train" / "banana" / "0.png").exists()
     _same_splits(again, load_data("imagefolder", root=str(local), image_size=8, val_fraction=0.2))
 
@@ -519,7 +520,7 @@ def test_concurrent_loads_share_one_mirror(s3_server, tmp_path: Path, data_cache
     _upload_tree(s3_server, local, prefix)
     uri = s3_server.uri(prefix)
     with ThreadPoolExecutor(3) as pool:
-        results = list(pool.map(lambda _: load_data("cifar10", root=uri, val_fraction=0.2), range(3)))
+        results = list(pool.map(lambda _: load_data("cifar10", root=uri, access="mirror", val_fraction=0.2), range(3)))
     want = load_data("cifar10", root=str(local), val_fraction=0.2)
     for got in results:
         _same_splits(got, want)

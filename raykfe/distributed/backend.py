@@ -16,6 +16,7 @@ from ..errors import RaykfeError
 from ..factors import stats_from_tensors
 from ..stages import StageStore
 from ..storage import open_uri
+from ..stream import export_listings
 from .actors import EigenPool
 from .cluster import connect
 from .workers import measure_worker, stats_worker, train_worker
@@ -76,6 +77,7 @@ class RayBackend:
             "threads": max(1, int(self.rc.cpus_per_worker)),
             "fault": _fault(),
             "stage": stage,
+            "listings": ray.put(export_listings()),  # the data root's listing, made once by the driver
             **extra,
         }
         resources = {"CPU": self.rc.cpus_per_worker}

@@ -1,13 +1,15 @@
 """Ray Train worker functions (each runs on every Train worker; rank 0 is the chief).
 
-* :func:`stats_worker` -- each worker reads its own shard (example ``i`` goes to rank ``i % world``),
+* :func:`stats_worker` -- each worker reads its own shard (rank r: the r-th contiguous slice),
   accumulates (sum, count) statistics, all-reduces them in buckets, and the chief stores them.
   Fisher labels are drawn per example index (:func:`raykfe.capture.example_uniforms`), so the
   merged statistics equal the single-process ones whatever the number of workers, and a restarted
   worker redraws the same labels.
 * :func:`train_worker` -- data-parallel SGD (DDP via ``ray.train.torch.prepare_model``): every
   epoch each worker takes an equal slice of a seeded permutation, the chief validates, checkpoints
-  under the job's stage store and every worker reports the epoch's metrics.
+  under the job's stage store and every worker reports the epoch's metrics. A restarted worker
+  group resumes from the newest checkpoint; ``stages/<stage>.attempts.json`` lists the epoch after
+  which each attempt started.
 
 A test-only fault can be injected through ``config["fault"]`` (set by the driver from the
 ``RAYKFE_FAULT_INJECT`` environment variable, ``stage:rank:after:marker-file``): the worker of that
@@ -32,14 +34,17 @@ from ..capture import collect_factors
 from ..config import TrainConfig, config_from_dict
 from ..factors import stats_to_tensors
 from ..stages import StageStore
+from ..data import loader_options
 from ..storage import open_uri
+from ..stream import block_order, import_listings, worker_local_order
 from .collective import allreduce_stats, allreduce_tensors
 
 __all__ = ["stats_worker", "measure_worker", "train_worker", "IndexedSubset", "ShardSampler", "peak_rss_mb"]
 
 
 class IndexedSubset(Dataset):
-    """``base[indices[i]]`` as ``(x, y, global index)``."""
+    """``base[indices[i]]`` as ``(x, y, global index)``; a batch is fetched with the base's
+    ``__getitems__`` when it has one (concurrent object reads)."""
 
     def __init__(self, base: Dataset, indices: list[int]) -> None:
         self.base, self.indices = base, list(indices)
@@ -51,12 +56,29 @@ class IndexedSubset(Dataset):
         x, y = self.base[self.indices[i]]
         return x, y, self.indices[i]
 
+    def __getitems__(self, idx: list[int]):
+        chosen = [self.indices[i] for i in idx]
+        many = getattr(self.base, "__getitems__", None)
+        items = many(chosen) if many is not None else [self.base[j] for j in chosen]
+        return [(x, y, j) for (x, y), j in zip(items, chosen)]
+
 
 class ShardSampler(Sampler):
-    """Per epoch, a seeded permutation of ``n`` examples; rank r takes slice r of ``world`` equal ones."""
+    """Per epoch, a seeded permutation of ``n`` examples; rank r takes slice r of ``world`` equal ones.
 
-    def __init__(self, n: int, rank: int, world: int, seed: int) -> None:
+    With ``blocks`` (the storage block - parquet row group - of each example) the permutation
+    visits blocks in a random order and each block's examples together (:func:`raykfe.stream.
+    block_order`), and with ``batch`` and ``workers`` > 1 each DataLoader worker gets one contiguous
+    run of the rank's slice (:func:`raykfe.stream.worker_local_order`): every row group is read
+    about once per epoch instead of once per rank and DataLoader worker.
+    """
+
+    def __init__(
+        self, n: int, rank: int, world: int, seed: int, *, blocks: torch.Tensor | None = None, batch: int = 1,
+        workers: int = 0,
+    ) -> None:
         self.n, self.rank, self.world, self.seed, self.epoch = n, rank, world, seed, 0
+        self.blocks, self.batch, self.workers = blocks, batch, workers
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -66,9 +88,12 @@ class ShardSampler(Sampler):
 
     def __iter__(self):
         gen = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
-        perm = torch.randperm(self.n, generator=gen)
         per = self.n // self.world
-        return iter(perm[self.rank * per:(self.rank + 1) * per].tolist())
+        if self.blocks is None:
+            perm = torch.randperm(self.n, generator=gen)
+            return iter(perm[self.rank * per:(self.rank + 1) * per].tolist())
+        order = block_order(self.blocks.numpy(), gen)[self.rank * per:(self.rank + 1) * per]
+        return iter(worker_local_order(order.tolist(), self.batch, self.workers))
 
 
 def peak_rss_mb() -> float:
@@ -96,15 +121,23 @@ def _setup(config: dict):
     torch.set_num_threads(max(1, int(config.get("threads", 1))))
     model = ModelRecipe(**config["recipe"]).build()
     model.load_state_dict(ray.get(config["state"]))
+    if config.get("listings") is not None:  # the driver's listing of the data root: not listed again
+        import_listings(ray.get(config["listings"]))
     return cfg, rank, world, model, data_splits(cfg)
 
 
 def _shard_batches(cfg, rank: int, world: int, splits, fault: dict | None, stage: str):
-    """This worker's shard of the statistics data (example i goes to rank i % world), as batches."""
+    """This worker's shard of the statistics data, as batches: of the first ``n`` training examples
+    (``n`` capped by ``stats.max_batches``; nothing beyond them is read), rank r takes the r-th of
+    ``world`` contiguous slices, so that a sharded store is read in runs, each row group by one rank.
+    The statistics are sums, so the split does not change them."""
     n = len(splits.train)
     if cfg.stats.max_batches is not None:
         n = min(n, cfg.stats.max_batches * cfg.stats.batch_size)
-    loader = DataLoader(IndexedSubset(splits.train, range(rank, n, world)), batch_size=cfg.stats.batch_size, shuffle=False)
+    workers = int(getattr(splits.train, "workers", 0) or 0)
+    order = worker_local_order(range(rank * n // world, (rank + 1) * n // world), cfg.stats.batch_size, workers)
+    subset = IndexedSubset(splits.train, order)
+    loader = DataLoader(subset, batch_size=cfg.stats.batch_size, shuffle=False, **loader_options(subset, workers))
     for b, batch in enumerate(loader):
         _maybe_fail(fault, stage, rank, b)
         yield batch
@@ -178,18 +211,28 @@ def train_worker(config: dict) -> None:
     tcfg = TrainConfig(**{**config["tcfg"], "milestones": tuple(config["tcfg"]["milestones"])})
     model = ray.train.torch.prepare_model(model)
     device = ray.train.torch.get_device()
-    sampler = ShardSampler(len(splits.train), rank, world, cfg.seed + (stage == "finetune"))
-    loader = DataLoader(splits.train, batch_size=max(1, tcfg.batch_size // world), sampler=sampler, drop_last=True)
+    per_worker = max(1, tcfg.batch_size // world)
+    workers = int(getattr(splits.train, "workers", 0) or 0)
+    sampler = ShardSampler(len(splits.train), rank, world, cfg.seed + (stage == "finetune"),
+                           blocks=getattr(splits.train, "blocks", None), batch=per_worker, workers=workers)
+    loader = DataLoader(splits.train, batch_size=per_worker, sampler=sampler, drop_last=True,
+                        **loader_options(splits.train, workers))
     fault = config.get("fault")
+    store = StageStore(open_uri(cfg.output.uri))
+    first = []
 
     def before_epoch(epoch: int) -> None:
+        if not first and rank == 0:  # where this attempt starts: after the newest checkpoint's epoch
+            first.append(epoch)
+            done = json.loads(store.load_text(f"{stage}.attempts.json") or "[]")
+            store.save_text(f"{stage}.attempts.json", json.dumps(done + [epoch - 1]))
         _maybe_fail(fault, stage, rank, epoch - 1)
         sampler.set_epoch(epoch)
 
     run_training(
-        model, loader, tcfg, stage, StageStore(open_uri(cfg.output.uri)),
+        model, loader, tcfg, stage, store,
         val_loader=make_loader(splits.val, 256, shuffle=False) if rank == 0 else None,
         device=device, progress=False, chief=rank == 0, before_epoch=before_epoch,
         on_epoch=lambda rec: _report_epoch(rec, stage, tcfg.epochs, rank == 0 and cfg.progress),
-        unwrap=lambda m: getattr(m, "module", m),
+        unwrap=lambda m: getattr(m, "module", m), seed=(cfg.seed + (stage == "finetune")) * 1009 + rank,
     )
