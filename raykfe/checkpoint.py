@@ -53,7 +53,8 @@ def plan_from_json(text: str):
     try:
         return plan_from_dict(d)
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
-        raise StorageError(f"plan.json does not hold a valid plan ({type(exc).__name__}: {exc}): re-run the job that wrote it") from None
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        raise StorageError(f"plan.json does not hold a valid plan ({type(exc).__name__}: {first}): re-run the job that wrote it") from None
 
 
 def rebuild(model: nn.Module, plan) -> nn.Module:
@@ -147,7 +148,6 @@ def load(uri: str, model: nn.Module | None = None):
     ``model``: an instance of the ORIGINAL (unpruned) architecture, needed only when the result was
     made from a model that raykfe did not build itself (no model spec in the manifest).
     """
-    from safetensors import SafetensorError
     from safetensors.torch import load as st_load
 
     from .pruning import PruneResult
@@ -157,7 +157,7 @@ def load(uri: str, model: nn.Module | None = None):
     weights = read_file(uri, "weights.safetensors", manifest)
     try:  # safetensors only: a pickle (or anything else) in its place is refused, never executed
         state = st_load(weights)
-    except (SafetensorError, Exception) as exc:
+    except Exception as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise StorageError(f"weights at {uri!r} are not a safetensors file ({first}): re-run the job that wrote them") from None
     try:

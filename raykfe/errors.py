@@ -23,7 +23,9 @@ class DataError(RaykfeError):
 
 
 class NumericalError(RaykfeError):
-    """A statistic is not finite (NaN/Inf in a K-FAC factor); the message names the layer."""
+    """Something became NaN/Inf: a layer's inputs or outputs in the statistics pass or a K-FAC factor
+    (the message names the layer), or a training stage diverged (it names the stage, the epoch and
+    the learning rate to lower; the diverged epoch is never checkpointed)."""
 
 
 class StorageError(RaykfeError):
