@@ -200,18 +200,21 @@ def collect_factors(
                     f"layer {name!r} is called more than once per forward (shared weights): "
                     "exclude it with prune.exclude or use a model without weight sharing"
                 )
-            if not bool(torch.isfinite(x.detach()).all()):
+            # finiteness at the cost of two scalars, not of extra passes over every activation: the
+            # batch's A has the squared inputs on its diagonal, and a sum is NaN/Inf when any term is
+            a = adapter.a_sum(x)
+            if not bool(torch.isfinite(a.diagonal().sum())):
                 raise NumericalError(
                     f"layer {name!r} receives NaN/Inf inputs in the K-FAC statistics pass: the data or the layers "
                     "before it are not finite (check the input data and model.weights, e.g. BatchNorm statistics)"
                 )
-            if not bool(torch.isfinite(output.detach()).all()):
+            if not bool(torch.isfinite(output.detach().sum())):
                 raise NumericalError(
                     f"layer {name!r} gives NaN/Inf outputs from finite inputs in the K-FAC statistics pass: its "
                     "weights are not finite or too large (check model.weights, or lower the learning rate that trained it)"
                 )
             st = stats[name]
-            st.A_sum += adapter.a_sum(x).to(torch.float64)
+            st.A_sum += a.to(torch.float64)
             if output.requires_grad:
 
                 def grad_hook(g: torch.Tensor) -> None:  # must return None: the grad is unchanged
