@@ -254,6 +254,47 @@ def test_cifar_corrupt_file(tmp_path: Path) -> None:
         load_data("cifar10", root=str(tmp_path))
 
 
+class _RunsCode:
+    """Unpickling this writes ``marker``."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return exec, (f"open({str(self.marker)!r}, 'w').write('pwned')",)
+
+
+@pytest.mark.parametrize("protocol", [0, 2, 4, 5])
+def test_cifar_batches_of_every_pickle_protocol_and_numpy_spelling(tmp_path: Path, protocol: int) -> None:
+    """The restricted unpickler reads what real archives hold (Python 2 pickles of numpy 1 arrays,
+    protocol 2) and what numpy 2 writes at any protocol."""
+    truth = _fake_cifar10(tmp_path)
+    folder = tmp_path / "cifar-10-batches-py"
+    for path in folder.iterdir():
+        data = pickle.dumps(pickle.loads(path.read_bytes()), protocol=protocol)
+        if protocol <= 3:  # text GLOBAL opcodes: spell them as numpy 1 did
+            data = data.replace(b"numpy._core", b"numpy.core")
+        path.write_bytes(data)
+    splits = load_data("cifar10", root=str(tmp_path), val_fraction=0.2, seed=0)
+    raw = torch.from_numpy(truth["test"][0].reshape(3, 32, 32)).float() / 255
+    assert torch.allclose(splits.test[0][0] * CIFAR10_STD + CIFAR10_MEAN, raw, atol=1e-5)
+
+
+@pytest.mark.parametrize("where", ["bare", "in the dict", "object array"])
+def test_cifar_pickle_that_runs_code_is_refused_never_run(tmp_path: Path, where: str) -> None:
+    _fake_cifar10(tmp_path)
+    marker = tmp_path / "PWNED"
+    payload = {"bare": _RunsCode(marker), "in the dict": {"data": _RunsCode(marker), "labels": [0]},
+               "object array": {"data": np.array([_RunsCode(marker)], dtype=object), "labels": [0]}}[where]
+    (tmp_path / "cifar-10-batches-py" / "data_batch_2").write_bytes(pickle.dumps(payload))
+    with pytest.raises(DataError) as info:
+        load_data("cifar10", root=str(tmp_path))
+    msg = str(info.value)
+    assert "data_batch_2" in msg and "never loads" in msg and "\n" not in msg
+    assert ("builtins.exec" in msg) or ("object array" in msg)
+    assert not marker.exists()
+
+
 # --------------------------------------------------------------------------- imagefolder
 
 COLOURS = {"apple": (255, 0, 0), "banana": (255, 255, 0), "cherry": (0, 0, 255)}
