@@ -240,8 +240,25 @@ def _checkpoint_epoch(store: StageStore, stage: str) -> int:
     return ckpt[0] if ckpt else 0
 
 
+#: settings inside a section that change how fast a job runs, never what it computes
+RUN_ONLY_FIELDS = {"data": ("access", "workers")}
+
+
 def _job_identity(d: dict) -> dict:
-    return {k: v for k, v in d.items() if k not in RUN_ONLY_KEYS}
+    """What makes two configs the same job: everything but the run-only keys, with the stored
+    config's missing (newer) keys filled with their defaults, so a result written before a field
+    existed is still recognised as this job's."""
+    from .config import config_from_dict
+
+    try:
+        d = config_to_dict(config_from_dict(d))
+    except ConfigError:
+        pass  # an older raykfe's config that this one cannot read: compared as stored (a different job)
+    out = {k: v for k, v in d.items() if k not in RUN_ONLY_KEYS}
+    for section, keys in RUN_ONLY_FIELDS.items():
+        if isinstance(out.get(section), dict):
+            out[section] = {k: v for k, v in out[section].items() if k not in keys}
+    return out
 
 
 def existing_result(cfg: JobConfig) -> dict | None:

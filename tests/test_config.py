@@ -71,3 +71,19 @@ def test_apply_overrides_does_not_mutate_input():
     raw = {"prune": {"target": "flops:0.5"}}
     out = apply_overrides(raw, ["prune.target=flops:0.6"])
     assert raw["prune"]["target"] == "flops:0.5" and out["prune"]["target"] == "flops:0.6"
+
+
+def test_job_identity_ignores_run_only_fields_and_fills_newer_defaults():
+    """A result stored before a field existed, or run with other data workers, is the same job;
+    a change in what is computed is not."""
+    from raykfe.config import config_to_dict
+    from raykfe.pipeline import _job_identity
+
+    full = config_to_dict(load_config("jobs/digits.yaml"))
+    old = {k: v for k, v in full.items() if k != "latency"}
+    old["data"] = {k: v for k, v in full["data"].items() if k not in ("access", "workers")}
+    assert _job_identity(old) == _job_identity(full)
+    faster = {**full, "data": {**full["data"], "workers": 7}}
+    assert _job_identity(faster) == _job_identity(full)
+    other = {**full, "prune": {**full["prune"], "target": "flops:0.3"}}
+    assert _job_identity(other) != _job_identity(full)
