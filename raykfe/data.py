@@ -93,6 +93,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from raykfe.errors import ConfigError, DataError, RaykfeError
+from raykfe.storage import SECRET_WORDS as _SECRET_WORDS  # query options that carry a secret
 from raykfe.stream import (
     ShardIndex,
     Source,
@@ -872,8 +873,6 @@ _CACHE_ENV = "RAYKFE_DATA_CACHE"
 _DEFAULT_CACHE = "~/.cache/raykfe/data"
 _MIRROR_MANIFEST = ".raykfe-mirror.json"
 _COPY_CHUNK = 4 << 20  # bytes per read while copying one object
-# Query options that would carry a secret (pyarrow accepts access_key / secret_key / session_token)
-_SECRET_WORDS = ("key", "secret", "token", "password", "credential", "signature")
 
 _log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import uuid
 from dataclasses import dataclass
-from urllib.parse import parse_qs, unquote, urlparse
+from urllib.parse import parse_qs, parse_qsl, unquote, urlparse
 
 import pyarrow.fs as pafs
 
@@ -94,6 +94,16 @@ class Location:
             raise self._wrap(f"delete {name!r}", exc) from None
 
 
+#: a query option whose name holds one of these is a credential (access_key, secret_key, session_token, ...)
+SECRET_WORDS = ("key", "secret", "token", "password", "credential", "signature")
+
+
+def secret_query_keys(uri: str) -> list[str]:
+    """The query options of ``uri`` that carry credentials."""
+    keys = [k for k, _ in parse_qsl(urlparse(uri).query, keep_blank_values=True)]
+    return [k for k in keys if any(word in k.lower() for word in SECRET_WORDS)]
+
+
 def open_uri(uri: str) -> Location:
     """A :class:`Location` for a local path, ``file://``, ``s3://`` or ``gs://`` URI."""
     if not isinstance(uri, str) or not uri.strip():
@@ -110,7 +120,7 @@ def open_uri(uri: str) -> Location:
         return Location(pafs.LocalFileSystem(), path, uri)
     if parsed.scheme not in ("s3", "gs", "gcs"):
         raise StorageError(f"URI scheme {parsed.scheme!r} of {uri!r} is not supported: use a local path, file://, s3:// or gs://")
-    if parsed.username or parsed.password:
+    if parsed.username or parsed.password or secret_query_keys(uri):
         # the URI is saved with the job's config: a secret in it would be written to storage
         raise StorageError(
             f"the URI for bucket {parsed.hostname!r} carries credentials: remove them from the URI and set "

@@ -454,3 +454,8 @@ def test_credentials_in_the_uri_are_refused_and_never_echoed():
     with pytest.raises(raykfe.StorageError) as info:
         open_uri("s3://AKIDEXAMPLE:sup3rs3cret@bucket/prefix")
     assert "sup3rs3cret" not in str(info.value) and "environment" in str(info.value)
+    # as query options too (pyarrow would accept access_key / secret_key / session_token there)
+    for query in ("secret_key=sup3rs3cret", "access_key=AKID&region=us-east-1", "session_token=sup3rs3cret"):
+        with pytest.raises(raykfe.StorageError) as info:
+            open_uri(f"s3://bucket/prefix?{query}")
+        assert "sup3rs3cret" not in str(info.value) and "environment" in str(info.value)
