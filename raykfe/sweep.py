@@ -98,7 +98,8 @@ def _trial(config: dict, setup: dict) -> None:
     def on_epoch(rec: dict) -> None:
         tune.report({"val_acc": rec["val_acc"], "epoch": rec["epoch"], "finished": False})
 
-    job = run_job(cfg, LocalBackend(on_epoch=on_epoch), log=lambda m: None, shared=shared)
+    # per-epoch reports feed ASHA; without it each would only cost a round trip through the Tune driver
+    job = run_job(cfg, LocalBackend(on_epoch=on_epoch if setup.get("asha", True) else None), log=lambda m: None, shared=shared)
     m = job.metrics
     tune.report({
         "val_acc": m["pruned"]["val_acc"], "test_acc": m["pruned"]["test_acc"],
@@ -184,6 +185,7 @@ def run_sweep(cfg: JobConfig, *, log=print) -> dict:
     setup = {
         "job": config_to_dict(cfg), "uri": uri, "base_uri": base_uri, "families": families,
         "threads": s.cpus_per_trial, "repeats": s.latency_repeats, "share": s.share_statistics,
+        "asha": bool(s.asha and len(grid) > 1),
     }
     trainable = tune.with_resources(tune.with_parameters(_trial, setup=setup), {"cpu": s.cpus_per_trial, "gpu": s.gpus_per_trial})
     space = {k: tune.grid_search(sorted({t[k] for t in grid}, key=[t[k] for t in grid].index)) for k in ("method", "target", "lr", "epochs", "weight_decay")}
@@ -203,7 +205,8 @@ def run_sweep(cfg: JobConfig, *, log=print) -> dict:
     tuner = tune.Tuner(
         trainable,
         param_space=space,
-        tune_config=tune.TuneConfig(scheduler=scheduler, max_concurrent_trials=s.max_concurrent, num_samples=1),
+        # reuse_actors: a trial runs in a finished one's process (no new Python + torch per trial)
+        tune_config=tune.TuneConfig(scheduler=scheduler, max_concurrent_trials=s.max_concurrent, num_samples=1, reuse_actors=True),
         run_config=tune.RunConfig(
             name=f"raykfe-sweep-{cfg.name}", storage_path=os.path.join(storage, "tune") if storage else None,
             verbose=1 if cfg.progress else 0,
