@@ -95,10 +95,12 @@ from torch.utils.data import DataLoader, Dataset
 from raykfe.errors import ConfigError, DataError, RaykfeError
 from raykfe.storage import SECRET_WORDS as _SECRET_WORDS  # query options that carry a secret
 from raykfe.stream import (
+    IMAGE_SUFFIXES,
     ShardIndex,
     Source,
     decode_many,
     group_images,
+    image_objects,
     list_image_tree,
     list_shards,
     read_shard_index,
@@ -113,7 +115,7 @@ _CIFAR_STATS = {
     "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
 }
 _IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
-_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+_IMAGE_SUFFIXES = IMAGE_SUFFIXES
 
 
 @dataclass
@@ -967,19 +969,7 @@ def _remote_cifar(name: str, loc: Any) -> tuple[dict[str, int], list[str]]:
 
 def _remote_imagefolder(loc: Any) -> tuple[dict[str, int], list[str]]:
     """Every ``train|val/<class>/<image>`` under an ImageFolder root on object storage."""
-    import pyarrow.fs as pafs
-
-    files: dict[str, int] = {}
-    prefix = f"{loc.root}/" if loc.root else ""
-    for split in ("train", "val"):
-        selector = pafs.FileSelector(loc.path(split), recursive=True, allow_not_found=True)
-        for info in loc.fs.get_file_info(selector):
-            if info.type != pafs.FileType.File or not info.path.startswith(prefix):
-                continue
-            rel = info.path[len(prefix):]
-            parts = rel.split("/")
-            if len(parts) == 3 and Path(parts[2]).suffix.lower() in _IMAGE_SUFFIXES:
-                files[rel] = int(info.size)
+    files = dict(image_objects(loc))
     has_train = any(rel.startswith("train/") for rel in files)
     return files, ([] if has_train else ["train/<class>/*.png|jpg"])
 

@@ -48,7 +48,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -195,13 +195,22 @@ def list_image_tree(source: Source) -> dict[str, dict[str, list[str]]]:
     key = ("imagefolder", source.public)
     if key in _listings:
         return _listings[key]
+    tree: dict[str, dict[str, list[str]]] = {"train": {}, "val": {}}
+    for rel, _ in image_objects(source.location()):
+        split, cls, _ = rel.split("/")
+        tree[split].setdefault(cls, []).append(rel)
+    tree = {split: {c: sorted(keys) for c, keys in sorted(classes.items())} for split, classes in tree.items()}
+    _listings[key] = tree
+    return tree
+
+
+def image_objects(loc: Any) -> Iterator[tuple[str, int]]:
+    """``(relative key, size)`` of every ``train|val/<class>/<image>`` object under the location
+    of an ImageFolder root on object storage: one recursive listing per split."""
     import pyarrow.fs as pafs
 
-    loc = source.location()
     prefix = f"{loc.root}/" if loc.root else ""
-    tree: dict[str, dict[str, list[str]]] = {}
     for split in ("train", "val"):
-        classes: dict[str, list[str]] = {}
         selector = pafs.FileSelector(loc.path(split), recursive=True, allow_not_found=True)
         for info in loc.fs.get_file_info(selector):
             if info.type != pafs.FileType.File or not info.path.startswith(prefix):
@@ -209,10 +218,7 @@ def list_image_tree(source: Source) -> dict[str, dict[str, list[str]]]:
             rel = info.path[len(prefix):]
             parts = rel.split("/")
             if len(parts) == 3 and Path(parts[2]).suffix.lower() in IMAGE_SUFFIXES:
-                classes.setdefault(parts[1], []).append(rel)
-        tree[split] = {c: sorted(keys) for c, keys in sorted(classes.items())}
-    _listings[key] = tree
-    return tree
+                yield rel, int(info.size)
 
 
 @dataclass
