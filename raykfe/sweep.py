@@ -242,19 +242,22 @@ def _measure_latencies(cfg: JobConfig, rows: list[dict], log) -> None:
     in the driver after the trials (timed inside concurrent trials, they would measure the
     contention), with ``sweep.cpus_per_trial`` threads."""
     from .checkpoint import load
-    from .latency import latency_ms
+    from .latency import latency_profile
     from .pipeline import data_splits
 
     example = data_splits(cfg).test[0][0][None]
     threads = max(1, int(cfg.sweep.cpus_per_trial))
     reps = cfg.sweep.latency_repeats
+    gpu = cfg.device if cfg.device.startswith("cuda") else None  # also timed on the job's GPU when there is one
     log(f"raykfe: sweep: latency of {sum(r['status'] in ('done', 'base') for r in rows)} models ({threads} thread(s))")
     for r in rows:
         if r["status"] not in ("done", "base"):
             continue
         model = r.pop("_model", None) or load(r["uri"]).model
-        r["latency_ms"] = latency_ms(model, example, batch=1, repeats=reps, threads=threads)
-        r["latency_ms_32"] = latency_ms(model, example, batch=32, repeats=max(3, reps // 4), threads=threads)
+        prof = latency_profile({"m": model}, example, batches=(1, 32), repeats=reps, threads=threads, gpu=gpu)["m"]
+        r["latency_ms"], r["latency_ms_32"] = prof["cpu"]["1"], prof["cpu"]["32"]
+        if "cuda" in prof:
+            r["gpu_latency_ms"], r["gpu_latency_ms_32"] = prof["cuda"]["1"], prof["cuda"]["32"]
 
 
 def _best_per_target(rows: list[dict]) -> dict:
@@ -327,6 +330,8 @@ def _write_results(cfg: JobConfig, rows: list[dict], info: dict) -> dict:
     loc = open_uri(cfg.output.uri)
     cols = ["trial", "method", "target", "lr", "epochs", "weight_decay", "status", "val_acc", "test_acc", "test_acc_before_finetune",
             "macs", "params", "macs_reduction", "params_reduction", "latency_ms", "latency_ms_32", "reused_stages", "uri"]
+    if any("gpu_latency_ms" in r for r in rows):
+        cols[-2:-2] = ["gpu_latency_ms", "gpu_latency_ms_32"]
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore")
     w.writeheader()
