@@ -31,6 +31,16 @@ def _sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def _safetensors(data: bytes, what: str) -> dict[str, torch.Tensor]:
+    """Tensors of a safetensors file; anything else (a pickle, say) is refused, never executed."""
+    from safetensors.torch import load as st_load
+
+    try:
+        return st_load(data)
+    except Exception:
+        raise StorageError(f"{what} is not a safetensors file: re-run with output.overwrite=true") from None
+
+
 class StageStore:
     """Stages under ``<loc>/<prefix>``. ``fallbacks`` are other (read-only) stores whose finished
     whole stages count as this one's: a sweep's trials read the base model, statistics and
@@ -60,8 +70,6 @@ class StageStore:
         self.loc.write_bytes(self._p(f"{stage}.json"), json.dumps({"sha256": _sha(data), "meta": meta}).encode())
 
     def load(self, stage: str) -> tuple[dict[str, torch.Tensor], Any]:
-        from safetensors.torch import load as st_load
-
         if not self.has_own(stage):
             for f in self.fallbacks:
                 if f.has(stage):
@@ -70,12 +78,7 @@ class StageStore:
         data = self.loc.read_bytes(self._p(f"{stage}.safetensors"))
         if _sha(data) != marker["sha256"]:
             raise StorageError(f"stage {stage!r} under {self.loc.uri!r} is corrupt: re-run with output.overwrite=true")
-        try:
-            return st_load(data), marker["meta"]
-        except Exception:  # safetensors only: anything else (a pickle, say) is refused, never executed
-            raise StorageError(
-                f"stage {stage!r} under {self.loc.uri!r} is not a safetensors file: re-run with output.overwrite=true"
-            ) from None
+        return _safetensors(data, f"stage {stage!r} under {self.loc.uri!r}"), marker["meta"]
 
     def save_text(self, name: str, text: str) -> None:
         self.loc.write_bytes(self._p(name), text.encode())
@@ -110,21 +113,13 @@ class StageStore:
 
     def load_checkpoint(self, stage: str) -> tuple[int, dict[str, torch.Tensor], Any] | None:
         """(epoch, tensors, meta) of the newest complete checkpoint, or None."""
-        from safetensors.torch import load as st_load
-
         marker = self._checkpoint_marker(stage)
         if not marker:
             return None
         data = self.loc.read_bytes(self._p(marker["file"]))
         if _sha(data) != marker["sha256"]:
             return None
-        try:
-            return int(marker["epoch"]), st_load(data), marker["meta"]
-        except Exception:  # safetensors only: anything else (a pickle, say) is refused, never executed
-            raise StorageError(
-                f"checkpoint {marker['file']!r} under {self.loc.uri!r} is not a safetensors file: "
-                "re-run with output.overwrite=true"
-            ) from None
+        return int(marker["epoch"]), _safetensors(data, f"checkpoint {marker['file']!r} under {self.loc.uri!r}"), marker["meta"]
 
 
 def optimizer_to_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
