@@ -22,7 +22,7 @@ from raykfe.config import load_config
 from raykfe.data import load_data, make_loader
 from raykfe.finetune import evaluate, train
 from raykfe.models import build_model
-from raykfe.pipeline import seed_everything
+from raykfe.finetune import seed_everything
 from raykfe.report import format_table, human
 
 

@@ -46,7 +46,9 @@ from raykfe.errors import StorageError
 from raykfe.finetune import evaluate, train
 from raykfe.methods import METHODS
 from raykfe.models import build_model
-from raykfe.pipeline import data_splits, run_job, seed_everything
+from raykfe.data import job_splits
+from raykfe.finetune import seed_everything
+from raykfe.pipeline import run_job
 from raykfe.report import format_table, human
 
 JOB = "jobs/digits.yaml"
@@ -335,7 +337,7 @@ def main() -> None:
     base_path = base_weights(args.out, args.retrain)
     base_sha = sha256_of(base_path)
     cfg = load_config(JOB, ["runtime=local", "progress=false", f"finetune.epochs={args.epochs}"])
-    splits = data_splits(cfg)
+    splits = job_splits(cfg.data, cfg.seed)
     example = splits.test[0][0][None]  # the pipeline's example input: 1x3x32x32
     base = build_model(cfg.model.name, splits.num_classes, width=cfg.model.width)
     base.load_state_dict(load_file(str(base_path)))

@@ -12,7 +12,6 @@ workers (each worker reports it), the wall times include everything.
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 
@@ -28,11 +27,13 @@ from raykfe.distributed.cluster import connect
 from raykfe.distributed.workers import peak_rss_mb
 from raykfe.eigen import eigh_cost, eigenbasis
 from raykfe.models import build_model
-from raykfe.pipeline import LocalBackend, ModelRecipe, data_splits, state_of
-from raykfe.pruning import prunable_layers, score_in_basis
+from raykfe.backend import JobContext, LocalBackend
+from raykfe.capture import prunable_layers
+from raykfe.checkpoint import ModelRecipe
+from raykfe.data import job_splits
+from raykfe.finetune import state_of
+from raykfe.methods.eigendamage import score_in_basis
 from raykfe.report import format_table
-from raykfe.stages import StageStore
-from raykfe.storage import open_uri
 
 
 def _empty_worker(config):
@@ -45,27 +46,29 @@ def stats_section(workers_list):
     cfg = load_config("jobs/digits.yaml", ["progress=false", f"output.uri={tmp}/x"])
     torch.manual_seed(0)
     model = build_model(cfg.model.name, 10)
-    splits = data_splits(cfg)
+    splits = job_splits(cfg.data, cfg.seed)
     adapters, _ = prunable_layers(model, splits.test[0][0][None])
     recipe, state = ModelRecipe(dict(model.raykfe_spec)), state_of(model)
     n = len(splits.train)
 
     t0 = time.perf_counter()
-    LocalBackend().collect(cfg, recipe, state, list(adapters))
+    local = LocalBackend()
+    local.open(JobContext.of(cfg))
+    local.kfac(recipe, state, list(adapters), cfg.stats.conv_mode)
     t_local = time.perf_counter() - t0
     rows.append(["single process (no Ray, torch threads %d)" % torch.get_num_threads(), "-", f"{t_local:.2f}", f"{t_local:.2f}", f"{n / t_local:.0f}"])
 
     for w in workers_list:
         wcfg = load_config("jobs/digits.yaml", ["progress=false", f"output.uri={tmp}/w{w}", f"ray.workers={w}"])
         backend = RayBackend(wcfg)
+        backend.open(JobContext.of(wcfg))
         t0 = time.perf_counter()
-        backend._fit(_empty_worker, wcfg, recipe, state, "empty")
+        backend._fit(_empty_worker, recipe, state, "empty")
         overhead = time.perf_counter() - t0
         t0 = time.perf_counter()
-        backend.collect(wcfg, recipe, state, list(adapters))
+        backend.kfac(recipe, state, list(adapters), wcfg.stats.conv_mode)
         wall = time.perf_counter() - t0
-        store = StageStore(open_uri(wcfg.output.uri))
-        reps = [json.loads(store.load_text(f"stats.worker-{r}.json")) for r in range(w)]
+        reps = backend.worker_reports["stats"]
         inner = max(r["pass_seconds"] + r["allreduce_seconds"] for r in reps)
         rows.append([f"Ray Train, {w} worker(s), 1 thread each", f"{overhead:.1f}", f"{wall:.1f}", f"{inner:.2f}", f"{n / inner:.0f}"])
         mem.append([f"Train worker (of {w})", f"{max(r['peak_rss_mb'] for r in reps):.0f}"])

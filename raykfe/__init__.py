@@ -5,20 +5,23 @@ The pipeline, one module per stage::
     model + batches
       -> capture / factors   K-FAC statistics (sum, count) per layer          collect_factors()
       -> eigen               Kronecker-factored eigenbasis per layer
-      -> methods             EigenDamage scores of every eigen-direction
-      -> plan                global threshold for a params/flops/directions target
-      -> surgery             rotation -> core -> rotation, a new smaller model     prune()
+      -> methods             scores of eigen-directions or channels (a registry of methods)
+      -> plan                global selection for a params/flops/directions target
+      -> surgery / channels  rotation -> core -> rotation, or coupled channel slices removed
+                             (the engine runs the steps above once, for the API, jobs and sweeps)   prune()
       -> finetune            SGD fine-tuning, evaluation
       -> checkpoint          plan (JSON) + weights (safetensors), rebuilt on load  save() / load()
 """
 
+from .api import prune
 from .capture import collect_factors
 from .checkpoint import load, save
 from .counting import Counts, count
+from .engine import PruneResult
 from .errors import ConfigError, DataError, NumericalError, RaykfeError, StorageError
 from .factors import LayerStats, merge_stats
 from .plan import Plan, parse_target
-from .pruning import PruneResult, prune
+from .settings import PruneSettings
 
 __all__ = [
     "collect_factors",
@@ -27,6 +30,7 @@ __all__ = [
     "save",
     "load",
     "PruneResult",
+    "PruneSettings",
     "Plan",
     "LayerStats",
     "Counts",

@@ -34,7 +34,7 @@ from .errors import ConfigError, NumericalError
 from .factors import LayerStats
 from .layers import Adapter, make_adapter, positions, unsupported_reason
 
-__all__ = ["collect_factors", "find_layers", "trace_layers", "LayerGeometry", "FISHER_TYPES"]
+__all__ = ["collect_factors", "find_layers", "trace_layers", "prunable_layers", "layer_metas", "LayerGeometry", "FISHER_TYPES"]
 
 FISHER_TYPES = ("true", "empirical")
 
@@ -49,7 +49,7 @@ class LayerGeometry:
 
 
 #: a factor side above this is not formed (8192^2 float64 = 512 MiB); the layer stays dense
-MAX_FACTOR_DIM = 8192
+from .settings import MAX_FACTOR_DIM  # noqa: E402  (re-exported: a factor side above it is not formed)
 
 
 _M64 = (1 << 64) - 1
@@ -280,3 +280,44 @@ def collect_factors(
                 )
     # layers the forward pass never reached have no statistics and are not returned
     return {n: stats[n] for n in adapters if n in stats}
+
+
+def prunable_layers(
+    model: nn.Module,
+    example_input: torch.Tensor,
+    *,
+    conv_mode: str = "patch",
+    include_classifier: bool = False,
+    exclude: Iterable[str] = (),
+    max_factor_dim: int | None = MAX_FACTOR_DIM,
+) -> tuple[dict[str, Adapter], dict[str, str]]:
+    """Adapters of the layers the KFE methods prune, in forward order, and ``{name: reason}`` for
+    the weight layers they leave dense (unsupported, too large, excluded, the classifier)."""
+    adapters, skipped = find_layers(model, conv_mode, max_factor_dim)
+    geo = trace_layers(model, example_input)
+    exclude = list(exclude)
+    for name in exclude:
+        if name not in adapters and name not in skipped:
+            raise ConfigError(f"prune.exclude names {name!r}, which is not a layer of the model")
+    order = [n for n in geo if n in adapters]
+    for name in adapters:
+        if name not in geo:
+            skipped[name] = "not called in the forward pass"
+    for name in exclude:
+        if name in adapters:
+            skipped[name] = "excluded by prune.exclude"
+    if order and not include_classifier:
+        skipped[order[-1]] = "classifier (kept by default; prune.include_classifier=true prunes it)"
+    chosen = {n: adapters[n] for n in order if n not in skipped}
+    if not chosen:
+        raise ConfigError(
+            "the model has no prunable layer (Linear, or Conv2d with groups=1, other than the classifier): "
+            "use another model or set prune.include_classifier=true"
+        )
+    return chosen, skipped
+
+
+def layer_metas(model: nn.Module, example_input: torch.Tensor, adapters: dict[str, Adapter]) -> dict[str, dict]:
+    """The geometry of every layer of ``adapters`` (as :func:`collect_factors` records it)."""
+    geo = trace_layers(model, example_input, list(adapters))
+    return {n: _layer_meta(a, geo[n]) for n, a in adapters.items()}

@@ -75,10 +75,9 @@ functions of the per-group counts (out width x in width per weight), evaluated w
 from __future__ import annotations
 
 import copy
-import json
 import math
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -87,15 +86,16 @@ from torch import nn
 
 from .counting import count, eval_forward_with_hooks
 from .errors import ConfigError
-from .plan import PlanTotals, Target, parse_target, smallest_meeting
+from .plan import Target, parse_target, smallest_meeting
 
 __all__ = [
     "Member",
     "ChannelGroup",
     "ChannelGraph",
-    "ChannelPlan",
     "apply_channels",
     "channel_layer_fractions",
+    "out_layers",
+    "aggregate",
     "CLASSIFIER_REASON",
 ]
 
@@ -844,55 +844,33 @@ def channel_layer_fractions(graph: ChannelGraph, removed: Mapping[str, Sequence[
 
 
 # --------------------------------------------------------------------------------------------
-# the plan
+# per-layer scores -> group scores
 # --------------------------------------------------------------------------------------------
 
 
-@dataclass
-class ChannelPlan(PlanTotals):
-    """A channel-pruning plan: pure data with a JSON round trip."""
+def out_layers(model: nn.Module, graph: ChannelGraph) -> list[str]:
+    """Conv2d / Linear modules whose output channels some group removes, in group order, unique."""
+    seen: dict[str, None] = {}
+    for g in graph.groups:
+        for m in g.members:
+            if m.kind == "out" and isinstance(model.get_submodule(m.module), (nn.Conv2d, nn.Linear)):
+                seen.setdefault(m.module, None)
+    return list(seen)
 
-    method: str
-    target: str
-    removed: dict[str, list[int]]
-    skipped: dict[str, str] = field(default_factory=dict)
-    base_params: int = 0
-    base_macs: int = 0
-    params: int = 0
-    macs: int = 0
-    options: dict = field(default_factory=dict)
-    kind: str = "channels"
 
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["removed"] = {k: [int(i) for i in v] for k, v in self.removed.items()}
-        return d
-
-    @classmethod
-    def from_dict(cls, d: Mapping) -> "ChannelPlan":
-        d = dict(d)
-        kind = d.get("kind", "channels")
-        if kind != "channels":
-            raise ConfigError(f"plan kind {kind!r} is not a channel plan: load it with raykfe.plan.Plan.from_dict")
-        known = {f for f in cls.__dataclass_fields__}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ConfigError(f"channel plan has unknown fields {unknown}: upgrade raykfe or fix the plan")
-        d["removed"] = {str(k): [int(i) for i in v] for k, v in d.get("removed", {}).items()}
-        return cls(**d)
-
-    @classmethod
-    def from_json(cls, text: str) -> "ChannelPlan":
-        return cls.from_dict(json.loads(text))
-
-    def layer_rows(self, graph: ChannelGraph | None = None) -> list[dict]:
-        """Per-layer rows ``{layer, kept, total, removed}`` from ``graph`` or, without it, from
-        ``options["layers"]`` (what the pipeline stores)."""
-        if graph is not None:
-            layers = channel_layer_fractions(graph, self.removed)
-        else:
-            layers = {k: tuple(v) for k, v in self.options.get("layers", {}).items()}
-        return [
-            {"layer": n, "kept": int(kept), "total": int(total), "removed": 1.0 - kept / total if total else 0.0}
-            for n, (kept, total) in layers.items()
-        ]
+def aggregate(graph: ChannelGraph, per_module: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Group channel scores: the sum of the given per-module output-row scores over the group's
+    "out" members. Removing a channel removes every one of those rows, and the second-order
+    methods' scores are predicted loss increases, which add when the cross terms between layers
+    are ignored (their own approximation). Groups none of whose members is scored are left out,
+    so they are not pruned."""
+    out = {}
+    for g in graph.groups:
+        s, scored = np.zeros(g.size, dtype=np.float64), False
+        for m in g.members:
+            if m.kind == "out" and m.module in per_module:
+                np.add.at(s, m.root, np.asarray(per_module[m.module], dtype=np.float64)[m.index])
+                scored = True
+        if scored:
+            out[g.name] = s
+    return out

@@ -19,31 +19,41 @@ import copy
 import hashlib
 import json
 import time
+from dataclasses import dataclass
 from typing import Mapping
 
 from torch import nn
 
-from .errors import StorageError
+from .errors import ConfigError, StorageError
 from .plan import Plan
 from .storage import open_uri
-from .surgery import apply_plan
+from .surgery import rebuild
 
-__all__ = ["save", "load", "CHECKPOINT_FORMAT", "MANIFEST", "plan_from_dict", "plan_from_json", "rebuild"]
+__all__ = ["save", "load", "CHECKPOINT_FORMAT", "MANIFEST", "plan_from_json", "ModelRecipe", "read_manifest", "read_file"]
 
 CHECKPOINT_FORMAT = 1
 MANIFEST = "manifest.json"
 
 
-def plan_from_dict(d: dict):
-    """A KFE :class:`raykfe.plan.Plan` or a :class:`raykfe.channels.ChannelPlan`, by ``kind``."""
-    if d.get("kind") == "channels":
-        from .channels import ChannelPlan
+@dataclass
+class ModelRecipe:
+    """How to rebuild a model anywhere (a Train worker, a later run): a registry spec
+    (:func:`raykfe.models.build_model`) and, for a pruned model, its plan as a dict."""
 
-        return ChannelPlan.from_dict(d)
-    return Plan.from_dict(d)
+    spec: dict
+    plan: dict | None = None
+
+    def build(self) -> nn.Module:
+        from .models import build_model
+
+        model = build_model(**self.spec)
+        if self.plan is not None:
+            model = rebuild(model, Plan.from_dict(self.plan))
+        return model
 
 
-def plan_from_json(text: str):
+def plan_from_json(text: str) -> Plan:
+    """The plan of a result (any format raykfe wrote); a one-line StorageError when it is not one."""
     try:
         d = json.loads(text)
     except (ValueError, UnicodeDecodeError):
@@ -51,24 +61,10 @@ def plan_from_json(text: str):
     if not isinstance(d, dict):
         raise StorageError("plan.json does not hold a plan: re-run the job that wrote it")
     try:
-        return plan_from_dict(d)
-    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        return Plan.from_dict(d)
+    except (KeyError, TypeError, ValueError, AttributeError, ConfigError) as exc:
         first = str(exc).splitlines()[0] if str(exc) else ""
         raise StorageError(f"plan.json does not hold a valid plan ({type(exc).__name__}: {first}): re-run the job that wrote it") from None
-
-
-def rebuild(model: nn.Module, plan) -> nn.Module:
-    """A NEW model: ``model`` (the original architecture) with ``plan``'s structure, weights unset."""
-    if getattr(plan, "kind", "kfe") == "channels":
-        import torch
-
-        from .channels import apply_channels
-
-        shape = plan.options.get("input_shape")
-        if not shape:
-            raise StorageError("the channel plan has no input_shape: re-run the job that wrote it")
-        return apply_channels(model, torch.zeros(1, *shape), plan.removed)
-    return apply_plan(model, plan)
 
 
 def _sha256(data: bytes) -> str:
@@ -150,7 +146,7 @@ def load(uri: str, model: nn.Module | None = None):
     """
     from safetensors.torch import load as st_load
 
-    from .pruning import PruneResult
+    from .engine import PruneResult
 
     manifest = read_manifest(uri)
     plan = plan_from_json(read_file(uri, "plan.json", manifest).decode(errors="replace"))

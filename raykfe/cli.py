@@ -106,7 +106,8 @@ def _run(args) -> int:
         return 0
     overrides += ["runtime=local"] if args.local else []
     cfg = load_config(args.config, overrides)
-    from .pipeline import job_table, run_job
+    from .pipeline import run_job
+    from .report import job_table
 
     backend = None
     if cfg.runtime == "ray":

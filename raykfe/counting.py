@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-__all__ = ["Counts", "count", "eval_forward_with_hooks"]
+__all__ = ["Counts", "count", "layer_counts", "eval_forward_with_hooks"]
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _TCONV = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
@@ -76,3 +76,20 @@ def count(model: nn.Module, example_input: torch.Tensor) -> Counts:
     eval_forward_with_hooks(model, example_input, {m: hook for m in model.modules() if isinstance(m, (*_CONV, *_TCONV, nn.Linear))})
     params = sum(p.numel() for p in model.parameters())  # parameters() yields shared tensors once
     return Counts(int(params), int(total[0]))
+
+
+@torch.no_grad()
+def layer_counts(model: nn.Module, example_input: torch.Tensor) -> dict[str, Counts]:
+    """``{name: Counts}`` of every Conv/Linear module: its own parameters and its MACs for one
+    forward on ``example_input`` (the per-layer figures of a report)."""
+    names = {m: n for n, m in model.named_modules()}
+    macs: dict[str, int] = {}
+
+    def hook(module, inputs, output):
+        if inputs and isinstance(inputs[0], torch.Tensor) and isinstance(output, torch.Tensor):
+            n = names[module]
+            macs[n] = macs.get(n, 0) + _layer_macs(module, inputs[0], output)
+
+    layers = [m for m in model.modules() if isinstance(m, (*_CONV, *_TCONV, nn.Linear))]
+    eval_forward_with_hooks(model, example_input, {m: hook for m in layers})
+    return {names[m]: Counts(sum(p.numel() for p in m.parameters(recurse=False)), macs.get(names[m], 0)) for m in layers}

@@ -107,7 +107,7 @@ from raykfe.stream import (
 )
 
 __all__ = [
-    "DataSplits", "load_data", "make_loader", "loader_options", "list_datasets", "data_cache_dir", "is_remote_root",
+    "DataSplits", "load_data", "job_splits", "make_loader", "loader_options", "list_datasets", "data_cache_dir", "is_remote_root",
 ]
 
 _CIFAR_STATS = {
@@ -1267,4 +1267,13 @@ def make_loader(
         generator=gen,
         drop_last=drop_last,
         **loader_options(dataset, workers),
+    )
+
+
+def job_splits(data, seed: int) -> DataSplits:
+    """The splits a job's ``data`` section (:class:`raykfe.config.DataConfig`) describes, for its seed."""
+    return load_data(
+        data.name, root=data.root, image_size=data.image_size, seed=seed, val_fraction=data.val_fraction,
+        test_fraction=data.test_fraction, augment=data.augment, synthetic_size=data.synthetic_size,
+        num_classes=data.num_classes, access=data.access, workers=data.workers,
     )

@@ -228,7 +228,7 @@ def _load(uri: str, base: bool, model: nn.Module | None):
 
 def resolve_input_shape(uri: str, manifest: dict, plan) -> list[int]:
     """The input shape (no batch) recorded with the result; see the module docstring for the order."""
-    shape = (manifest.get("metadata") or {}).get("input_shape") or (getattr(plan, "options", None) or {}).get("input_shape")
+    shape = (manifest.get("metadata") or {}).get("input_shape") or plan.input_shape
     if shape:
         return parse_input_shape(shape)
     if "config.yaml" in manifest.get("files", {}):

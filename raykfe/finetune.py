@@ -26,7 +26,7 @@ from torch import nn
 
 from raykfe.errors import ConfigError, DataError, NumericalError
 
-__all__ = ["TrainSettings", "train", "evaluate", "milestone_epochs"]
+__all__ = ["TrainSettings", "train", "evaluate", "milestone_epochs", "run_training", "seed_everything", "state_of"]
 
 
 @dataclass(frozen=True)
@@ -256,3 +256,80 @@ def evaluate(
     if seen == 0:
         raise DataError("cannot evaluate on an empty loader: check the split size")
     return {"accuracy": correct / seen, "loss": loss_sum / seen}
+
+
+# ------------------------------------------------------------------------------------------------
+# a training stage of a job: checkpointed every epoch, resumed from the newest checkpoint
+# ------------------------------------------------------------------------------------------------
+
+
+def seed_everything(seed: int) -> None:
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def state_of(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A detached CPU copy of ``model``'s state_dict."""
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+
+
+def run_training(
+    model: nn.Module,
+    train_loader,
+    settings: TrainSettings,
+    stage: str,
+    store=None,
+    *,
+    val_loader=None,
+    device: str | torch.device = "cpu",
+    progress: bool = False,
+    chief: bool = True,
+    before_epoch: Callable[[int], None] | None = None,
+    on_epoch: Callable[[dict], None] | None = None,
+    unwrap: Callable[[nn.Module], nn.Module] = lambda m: m,
+    seed: int | None = None,
+) -> list[dict]:
+    """:func:`train` with a checkpoint per epoch under ``store`` (a :class:`raykfe.stages.StageStore`;
+    written by the chief only) and a resume from the newest one. Shared by the in-process backend
+    and the Ray Train workers.
+
+    ``seed``: before epoch ``e`` torch's global RNG (augmentation, dropout) and the loader's
+    shuffling generator are seeded from ``(seed, e)`` only, so an epoch run after a resume from
+    the checkpoint of epoch ``e - 1`` is the same as in an uninterrupted run."""
+    from .stages import optimizer_from_tensors, optimizer_to_tensors
+
+    start, opt_state, history = 0, None, []
+    ckpt = store.load_checkpoint(stage) if store is not None else None
+    if ckpt is not None:
+        start, tensors, meta = ckpt
+        unwrap(model).load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+        opt_state = optimizer_from_tensors(tensors, meta)
+        history = meta["history"]
+        if start >= settings.epochs:
+            return history
+
+    def checkpoint(epoch, m, optimizer, records):
+        if chief and store is not None:
+            opt_tensors, opt_meta = optimizer_to_tensors(optimizer)
+            tensors = {f"model.{k}": v for k, v in unwrap(m).state_dict().items()} | opt_tensors
+            store.save_checkpoint(stage, epoch, tensors, {**opt_meta, "history": records})
+
+    def epoch_start(epoch: int) -> None:
+        if seed is not None:
+            torch.manual_seed(seed * 100003 + epoch)
+            gen = getattr(train_loader, "generator", None)
+            if isinstance(gen, torch.Generator):
+                gen.manual_seed(seed * 100003 + epoch)
+        if before_epoch is not None:
+            before_epoch(epoch)
+
+    return train(
+        model, train_loader, settings, val_loader=val_loader, device=device, progress=progress, desc=stage,
+        start_epoch=start, optimizer_state=opt_state, history=history, before_epoch=epoch_start,
+        checkpoint=checkpoint, on_epoch=on_epoch, eval_module=unwrap(model),
+    )

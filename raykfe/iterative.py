@@ -32,20 +32,13 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from .capture import _layer_meta, trace_layers
-from .layers import Adapter, make_adapter
+from .layers import make_adapter
 from .plan import LayerPlan, Plan, Target, parse_target
 from .surgery import KFEConv2d, KFELinear, fill_kfe, freeze_rotations, make_kfe_shell, set_module
 
-__all__ = ["layer_metas", "round_layer_names", "round_metas", "round_target", "merge_round", "compose_plan"]
+__all__ = ["round_layer_names", "round_metas", "round_target", "merge_round", "compose_plan"]
 
 _KFE = (KFELinear, KFEConv2d)
-
-
-def layer_metas(model: nn.Module, example_input: torch.Tensor, adapters: Mapping[str, Adapter]) -> dict[str, dict]:
-    """The geometry of every layer of ``adapters`` (as :func:`raykfe.collect_factors` records it)."""
-    geo = trace_layers(model, example_input, list(adapters))
-    return {n: _layer_meta(a, geo[n]) for n, a in adapters.items()}
 
 
 def round_layer_names(model: nn.Module, names) -> dict[str, str]:
@@ -186,11 +179,10 @@ def compose_plan(previous: Plan | None, current: Plan, metas: Mapping[str, dict]
             layers[name] = before
         else:
             layers[name] = dataclasses.replace(lp, dense_params=dense_p, dense_macs=dense_m)
-    rounds = list((previous.options.get("rounds", []) if previous is not None else [])) + [
-        {"round": round_index, "target": current.target, "summary": current.options.get("summary", {})}
+    steps = list(previous.steps if previous is not None else []) + [
+        {"round": round_index, "target": current.target, "summary": dataclasses.asdict(current.summary)}
     ]
     return dataclasses.replace(
         current, layers=layers, base_params=previous.base_params if previous is not None else current.base_params,
-        base_macs=previous.base_macs if previous is not None else current.base_macs,
-        options={**current.options, "rounds": rounds},
+        base_macs=previous.base_macs if previous is not None else current.base_macs, steps=steps,
     )

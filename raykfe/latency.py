@@ -12,7 +12,7 @@ import time
 import torch
 from torch import nn
 
-__all__ = ["latency_profile"]
+__all__ = ["latency_profile", "job_latency"]
 
 
 @torch.no_grad()
@@ -56,3 +56,16 @@ def latency_profile(
     finally:
         torch.set_num_threads(before)
     return out
+
+
+def job_latency(lc, device: str, base: nn.Module, pruned: nn.Module, example: torch.Tensor, log) -> dict | None:
+    """A job's latency figures (``lc``: :class:`raykfe.config.LatencyConfig`): base and pruned at
+    ``lc.batches`` on CPU, and on the job's GPU when it runs on one, measured in the driver after
+    fine-tuning, the two models interleaved; None with ``lc.repeats == 0``."""
+    if lc.repeats == 0:
+        return None
+    threads = lc.threads or torch.get_num_threads()
+    log(f"raykfe: latency of the base and pruned models (batches {', '.join(map(str, lc.batches))}; CPU, {threads} thread(s))")
+    gpu = device if device.startswith("cuda") else None
+    prof = latency_profile({"base": base, "pruned": pruned}, example, batches=lc.batches, repeats=lc.repeats, threads=threads, gpu=gpu)
+    return {"threads": threads, **prof}

@@ -32,7 +32,8 @@ __all__ = [
     "parse_target",
     "LayerPlan",
     "Plan",
-    "PlanTotals",
+    "ChannelLayer",
+    "Summary",
     "kfe_cost",
     "dense_cost",
     "select",
@@ -40,7 +41,7 @@ __all__ = [
     "PLAN_FORMAT",
 ]
 
-PLAN_FORMAT = 1
+PLAN_FORMAT = 2
 TARGET_KINDS = ("params", "flops", "directions")
 
 
@@ -143,9 +144,73 @@ class LayerPlan:
         return len(self.keep_out)
 
 
-class PlanTotals:
-    """What every kind of plan (KFE here, channels in :mod:`raykfe.channels`) derives from its
-    counts, and its JSON form (``to_dict`` is the plan's own)."""
+@dataclass
+class ChannelLayer:
+    """What channel surgery did to one Conv/Linear layer: output channels kept of ``total``, its
+    parameters and MACs after / before, and the predicted loss increase of the group it roots
+    (``None`` when the method's scores are not in loss units, e.g. l1)."""
+
+    kept: int
+    total: int
+    params: int = 0
+    dense_params: int = 0
+    macs: int = 0
+    dense_macs: int = 0
+    predicted_dloss: float | None = None
+
+
+@dataclass
+class Summary:
+    """How the selection met the target: the achieved fraction (at or above the target), whether it
+    is within ``tolerance`` of it, and how many units (directions or channels) of how many went."""
+
+    target: str = ""
+    achieved: float = 0.0
+    within_tolerance: bool = True
+    units_removed: int = 0
+    units_total: int = 0
+
+
+@dataclass
+class Plan:
+    """A pruning plan: pure data with a JSON round trip (the same for every method).
+
+    Two payloads, either or both filled:
+
+    * ``layers``: every KFE-prunable layer (:class:`LayerPlan`, ``action`` "kfe" or "dense");
+    * ``removed``: removed units per channel group (``{group root: sorted unit indices}``), applied
+      by :func:`raykfe.channels.apply_channels` to the original architecture, with ``channels``
+      the per-layer outcome (:class:`ChannelLayer`).
+
+    ``input_shape`` (one example, no batch dim) is what channel surgery traces the model with;
+    ``settings`` records how the plan was made (:class:`raykfe.settings.PruneSettings` as a dict);
+    ``steps`` lists each step / round's target and summary when there was more than one.
+    """
+
+    method: str
+    target: str
+    layers: dict[str, LayerPlan] = field(default_factory=dict)
+    removed: dict[str, list[int]] = field(default_factory=dict)
+    channels: dict[str, ChannelLayer] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
+    base_params: int = 0
+    base_macs: int = 0
+    params: int = 0
+    macs: int = 0
+    summary: Summary = field(default_factory=Summary)
+    input_shape: list[int] | None = None
+    freeze_rotations: bool = False
+    settings: dict = field(default_factory=dict)
+    steps: list[dict] = field(default_factory=list)
+    format: int = PLAN_FORMAT
+
+    @property
+    def space(self) -> str:
+        """``"kfe"``, ``"channels"`` or ``"hybrid"`` (both payloads)."""
+        kfe = any(lp.action == "kfe" for lp in self.layers.values())
+        if self.removed and kfe:
+            return "hybrid"
+        return "channels" if self.removed or (self.channels and not self.layers) else "kfe"
 
     @property
     def params_reduction(self) -> float:
@@ -155,44 +220,63 @@ class PlanTotals:
     def macs_reduction(self) -> float:
         return 1.0 - self.macs / self.base_macs if self.base_macs else 0.0
 
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["removed"] = {k: [int(i) for i in v] for k, v in self.removed.items()}
+        return d
+
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=1, sort_keys=False)
 
-
-@dataclass
-class Plan(PlanTotals):
-    """A pruning plan: pure data. ``layers`` covers every prunable layer; ``skipped`` the rest."""
-
-    method: str
-    target: str
-    layers: dict[str, LayerPlan]
-    skipped: dict[str, str] = field(default_factory=dict)
-    base_params: int = 0
-    base_macs: int = 0
-    params: int = 0
-    macs: int = 0
-    options: dict = field(default_factory=dict)
-    format: int = PLAN_FORMAT
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["layers"] = {n: asdict(lp) for n, lp in self.layers.items()}
-        return d
-
     @classmethod
     def from_dict(cls, d: dict) -> "Plan":
-        d = dict(d)
-        fmt = int(d.get("format", 0))
+        """Read any plan raykfe wrote: this format, and format 1 (KFE ``options`` / channel ``kind``)."""
+        if not isinstance(d, dict):
+            raise ConfigError("a plan must be a JSON object: re-run the job that wrote it")
+        fmt = int(d.get("format", 1 if "layers" in d else 0))
         if fmt > PLAN_FORMAT:
-            raise ConfigError(
-                f"plan format {fmt} is newer than this raykfe understands ({PLAN_FORMAT}): upgrade raykfe"
-            )
-        d["layers"] = {n: LayerPlan(**lp) for n, lp in d["layers"].items()}
+            raise ConfigError(f"plan format {fmt} is newer than this raykfe understands ({PLAN_FORMAT}): upgrade raykfe")
+        if fmt < 2:
+            d = _upgrade_v1(d)
+        d = dict(d)
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"the plan has unknown fields {unknown}: upgrade raykfe or fix the plan")
+        d["layers"] = {n: LayerPlan(**lp) for n, lp in d.get("layers", {}).items()}
+        d["removed"] = {str(k): [int(i) for i in v] for k, v in d.get("removed", {}).items()}
+        d["channels"] = {n: ChannelLayer(**c) for n, c in d.get("channels", {}).items()}
+        d["summary"] = Summary(**d.get("summary", {}))
+        d["format"] = PLAN_FORMAT
         return cls(**d)
 
     @classmethod
     def from_json(cls, text: str) -> "Plan":
         return cls.from_dict(json.loads(text))
+
+
+def _upgrade_v1(d: dict) -> dict:
+    """A format-1 plan (KFE: settings and summary in ``options``; channels: ``kind: "channels"``,
+    per-layer ``options["layers"] = {name: [kept, total]}``) in this format's fields."""
+    d = dict(d)
+    options = dict(d.pop("options", {}) or {})
+    kind = d.pop("kind", "kfe")
+    if kind not in ("kfe", "channels"):
+        raise ConfigError(f"plan kind {kind!r} is not known: re-run the job that wrote it")
+    s = options.pop("summary", {}) or {}
+    d["summary"] = {
+        "target": s.get("target", d.get("target", "")), "achieved": float(s.get("achieved", 0.0)),
+        "within_tolerance": bool(s.get("within_tolerance", True)),
+        "units_removed": int(s.get("units_removed", s.get("removed_channels", 0))),
+        "units_total": int(s.get("units_total", s.get("channels", 0))),
+    }
+    d["input_shape"] = options.pop("input_shape", None)
+    d["freeze_rotations"] = bool(options.pop("freeze_rotations", False))
+    d["steps"] = list(options.pop("rounds", []))
+    d["channels"] = {n: {"kept": int(k), "total": int(t)} for n, (k, t) in (options.pop("layers", {}) or {}).items()}
+    d["settings"] = options
+    d["format"] = PLAN_FORMAT
+    return d
 
 
 # --------------------------------------------------------------------------------------------

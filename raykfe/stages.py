@@ -24,7 +24,7 @@ import torch
 from .errors import StorageError
 from .storage import Location
 
-__all__ = ["StageStore", "optimizer_to_tensors", "optimizer_from_tensors"]
+__all__ = ["StageStore", "optimizer_to_tensors", "optimizer_from_tensors", "job_identity", "existing_result", "open_stages"]
 
 
 def _sha(data: bytes) -> str:
@@ -140,3 +140,88 @@ def optimizer_from_tensors(tensors: dict[str, torch.Tensor], meta: dict) -> dict
             _, idx, key = name.split(".", 2)
             state.setdefault(int(idx), {})[key] = val
     return {"state": state, "param_groups": meta["param_groups"]}
+
+
+# ------------------------------------------------------------------------------------------------
+# job identity: which stored stages and results belong to a config
+# ------------------------------------------------------------------------------------------------
+
+#: keys whose change does not make a different job (where results go, how it is shown or run)
+RUN_ONLY_KEYS = ("output", "progress", "ray", "runtime", "sweep", "latency")
+#: settings inside a section that change how fast a job runs, never what it computes
+RUN_ONLY_FIELDS = {"data": ("access", "workers")}
+
+
+def job_identity(d: dict) -> dict:
+    """What makes two configs the same job: everything but the run-only keys, with the stored
+    config's missing (newer) keys filled with their defaults, so a result written before a field
+    existed is still recognised as this job's."""
+    from .config import config_from_dict, config_to_dict
+    from .errors import ConfigError
+
+    try:
+        d = config_to_dict(config_from_dict(d))
+    except ConfigError:
+        pass  # an older raykfe's config that this one cannot read: compared as stored (a different job)
+    out = {k: v for k, v in d.items() if k not in RUN_ONLY_KEYS}
+    for section, keys in RUN_ONLY_FIELDS.items():
+        if isinstance(out.get(section), dict):
+            out[section] = {k: v for k, v in out[section].items() if k not in keys}
+    return out
+
+
+def existing_result(cfg) -> dict | None:
+    """The metrics of a finished job with the SAME config under the output URI, else None.
+
+    Raises when the URI holds a different job's result and ``output.overwrite`` is false.
+    """
+    import yaml
+
+    from .checkpoint import read_file, read_manifest
+    from .config import config_to_dict
+    from .storage import open_uri
+
+    loc = open_uri(cfg.output.uri)
+    if cfg.output.overwrite or not loc.exists("manifest.json"):
+        return None
+    manifest = read_manifest(cfg.output.uri)
+    try:
+        stored = yaml.safe_load(read_file(cfg.output.uri, "config.yaml", manifest))
+    except StorageError:
+        stored = None
+    if not isinstance(stored, dict) or job_identity(stored) != job_identity(config_to_dict(cfg)):
+        raise StorageError(
+            f"output.uri={cfg.output.uri!r} already holds a different job's result: choose another output.uri "
+            "or set output.overwrite=true"
+        )
+    for name in manifest.get("files", {}):  # a damaged result is reported, not shown as this job's
+        try:
+            read_file(cfg.output.uri, name, manifest)
+        except StorageError as exc:
+            raise StorageError(f"{exc}; or set output.overwrite=true to run the job again") from None
+    return json.loads(read_file(cfg.output.uri, "metrics.json", manifest))
+
+
+def open_stages(cfg, shared=()) -> StageStore:
+    """The job's stage store, checked to belong to this job (or cleared with ``output.overwrite``);
+    ``shared``: other jobs' outputs whose finished stages count as this job's (a sweep's trials)."""
+    import yaml
+
+    from .config import config_to_dict
+    from .storage import open_uri
+
+    store = StageStore(open_uri(cfg.output.uri), fallbacks=[StageStore(open_uri(u)) for u in shared])
+    mine = config_to_dict(cfg)
+    stored_text = store.load_text("config.yaml")
+    if stored_text is not None:
+        stored = yaml.safe_load(stored_text)
+        if cfg.output.overwrite:  # start over: the old result stops being visible now
+            store.loc.delete("manifest.json")
+            store.clear()
+        elif not isinstance(stored, dict) or job_identity(stored) != job_identity(mine):
+            raise StorageError(
+                f"output.uri={cfg.output.uri!r} holds unfinished stages of a different job: choose another "
+                "output.uri or set output.overwrite=true"
+            )
+    store.save_text("config.yaml", yaml.safe_dump(mine, sort_keys=False))
+    return store

@@ -30,7 +30,7 @@ from torch import nn
 
 from .plan import LayerPlan, Plan
 
-__all__ = ["KFELinear", "KFEConv2d", "make_kfe_shell", "fill_kfe", "apply_plan", "set_module"]
+__all__ = ["KFELinear", "KFEConv2d", "make_kfe_shell", "fill_kfe", "apply_plan", "rebuild", "set_module", "freeze_rotations"]
 
 
 class KFELinear(nn.Sequential):
@@ -134,5 +134,18 @@ def apply_plan(
             qa, qs, wk = weights[name]
             fill_kfe(shell, old, lp, qa, qs, wk)
         set_module(new, name, shell)
-    freeze_rotations(new, bool(plan.options.get("freeze_rotations", False)))
+    freeze_rotations(new, plan.freeze_rotations)
     return new
+
+
+def rebuild(model: nn.Module, plan: Plan, weights=None) -> nn.Module:
+    """A NEW model with ``plan``'s structure: its channel removals (traced on ``plan.input_shape``),
+    then its KFE layers (filled from ``weights`` when given, else left for ``load_state_dict``)."""
+    if plan.removed:
+        from .channels import apply_channels
+        from .errors import StorageError
+
+        if not plan.input_shape:
+            raise StorageError("the plan removes channels but records no input_shape: re-run the job that wrote it")
+        model = apply_channels(model, torch.zeros(1, *plan.input_shape), plan.removed)
+    return apply_plan(model, plan, weights)

@@ -37,7 +37,7 @@ from .pareto import pareto_front
 from .report import format_table, human
 from .storage import open_uri
 
-__all__ = ["run_sweep", "family_of", "trial_grid", "trial_id", "sweep_tables", "SWEEP_MANIFEST"]
+__all__ = ["run_sweep", "family_of", "trial_grid", "trial_id", "trial_config", "sweep_tables", "SWEEP_MANIFEST"]
 
 SWEEP_MANIFEST = "sweep.json"
 COSTS = (("macs", "MACs"), ("params", "parameters"), ("latency_ms", "latency batch 1 (ms)"))
@@ -75,45 +75,23 @@ def _job_dict(cfg: JobConfig, uri: str, **prune) -> dict:
     return d
 
 
-def _trial(config: dict, setup: dict) -> None:
-    """One Tune trial: a raykfe job on the shared stages, reporting val_acc every epoch."""
-    import torch
-    from ray import tune
-
-    from .pipeline import LocalBackend, run_job
-
-    torch.set_num_threads(max(1, int(setup["threads"])))
+def trial_config(config: dict, setup: dict) -> JobConfig:
+    """The job config of one trial (its method, target and fine-tuning settings) on the sweep's
+    shared stages; the driver times the models later, one at a time."""
     d = copy.deepcopy(setup["job"])
     d["prune"] = {**d["prune"], "method": config["method"], "target": config["target"]}
     d["finetune"] = {**d["finetune"], "lr": config["lr"], "epochs": config["epochs"], "weight_decay": config["weight_decay"]}
-    uri = _join(setup["uri"], "trials", trial_id(config))
-    d["output"] = {"uri": uri, "overwrite": False}
+    d["output"] = {"uri": _join(setup["uri"], "trials", trial_id(config)), "overwrite": False}
     d["runtime"], d["progress"] = "local", False
     d["latency"] = {**d.get("latency", {}), "repeats": 0}  # timed by the driver after the trials, one model at a time
-    cfg = config_from_dict(d)
-    shared = [setup["base_uri"]]
-    if setup["share"]:
-        shared.insert(0, setup["families"][family_of(config["method"], cfg.stats.conv_mode)])
-
-    def on_epoch(rec: dict) -> None:
-        tune.report({"val_acc": rec["val_acc"], "epoch": rec["epoch"], "finished": False})
-
-    # per-epoch reports feed ASHA; without it each would only cost a round trip through the Tune driver
-    job = run_job(cfg, LocalBackend(on_epoch=on_epoch if setup.get("asha", True) else None), log=lambda m: None, shared=shared)
-    m = job.metrics
-    tune.report({
-        "val_acc": m["pruned"]["val_acc"], "test_acc": m["pruned"]["test_acc"],
-        "test_acc_before_finetune": m["pruned"]["test_acc_before_finetune"], "macs": m["pruned"]["macs"],
-        "params": m["pruned"]["params"], "macs_reduction": m["macs_reduction"], "params_reduction": m["params_reduction"],
-        "reused_stages": ",".join(m.get("reused_stages", [])),
-        "uri": uri, "finished": True, "epoch": config["epochs"],
-    })
+    return config_from_dict(d)
 
 
 def _prepare(cfg: JobConfig, backend_for, methods: list[str], uri: str, log) -> tuple[str, dict[str, str], dict]:
     """The base model and each family's statistics, computed once: (base uri, {family: uri}, base row)."""
     from .models import build_model
-    from .pipeline import data_splits, run_job
+    from .data import job_splits
+    from .pipeline import run_job
 
     base_uri = _join(uri, "shared", "base")
     base_cfg = config_from_dict(_job_dict(cfg, base_uri))
@@ -133,7 +111,7 @@ def _prepare(cfg: JobConfig, backend_for, methods: list[str], uri: str, log) -> 
 
     from .stages import StageStore
 
-    splits = data_splits(cfg)
+    splits = job_splits(cfg.data, cfg.seed)
     model = build_model(cfg.model.name, splits.num_classes, width=cfg.model.width)
     tensors, _ = StageStore(open_uri(base_uri)).load("base")
     model.load_state_dict(tensors)
@@ -151,10 +129,8 @@ def _prepare(cfg: JobConfig, backend_for, methods: list[str], uri: str, log) -> 
 
 def run_sweep(cfg: JobConfig, *, log=print) -> dict:
     """Run the sweep of ``cfg`` (its ``sweep`` section) on Ray Tune; returns the summary."""
-    from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
-
     from .distributed.cluster import connect
+    from .distributed.tune import run_trials
 
     s = cfg.sweep
     grid = trial_grid(cfg)
@@ -187,40 +163,16 @@ def run_sweep(cfg: JobConfig, *, log=print) -> dict:
         "threads": s.cpus_per_trial, "repeats": s.latency_repeats, "share": s.share_statistics,
         "asha": bool(s.asha and len(grid) > 1),
     }
-    trainable = tune.with_resources(tune.with_parameters(_trial, setup=setup), {"cpu": s.cpus_per_trial, "gpu": s.gpus_per_trial})
-    space = {k: tune.grid_search(sorted({t[k] for t in grid}, key=[t[k] for t in grid].index)) for k in ("method", "target", "lr", "epochs", "weight_decay")}
-    max_epochs = max(t["epochs"] for t in grid)
-    scheduler = None
-    if s.asha and len(grid) > 1:
-        scheduler = ASHAScheduler(
-            time_attr="training_iteration", metric="val_acc", mode="max", max_t=max_epochs + 1,
-            grace_period=s.grace_period, reduction_factor=s.reduction_factor,
-        )
-    storage = None
-    if "://" not in uri or uri.startswith("file://"):
-        storage = os.path.abspath(uri[7:] if uri.startswith("file://") else uri)
     log(f"raykfe: sweep of {len(grid)} trials ({len(methods)} method(s), {len({t['target'] for t in grid})} target(s))"
-        + (", ASHA on val_acc" if scheduler else ""))
+        + (", ASHA on val_acc" if setup["asha"] else ""))
     t0 = time.perf_counter()
-    tuner = tune.Tuner(
-        trainable,
-        param_space=space,
-        # reuse_actors: a trial runs in a finished one's process (no new Python + torch per trial)
-        tune_config=tune.TuneConfig(scheduler=scheduler, max_concurrent_trials=s.max_concurrent, num_samples=1, reuse_actors=True),
-        run_config=tune.RunConfig(
-            name=f"raykfe-sweep-{cfg.name}", storage_path=os.path.join(storage, "tune") if storage else None,
-            verbose=1 if cfg.progress else 0,
-        ),
-    )
-    results = tuner.fit()
+    results = run_trials(cfg, grid, setup)
     tune_s = time.perf_counter() - t0
 
     rows = [base_row]
-    for r in results:
-        conf = {k: r.config[k] for k in ("method", "target", "lr", "epochs", "weight_decay")}
-        met = r.metrics or {}
-        if r.error is not None:
-            status = "error: " + (str(r.error).strip().splitlines() or [type(r.error).__name__])[-1][:120]
+    for conf, met, error in results:
+        if error is not None:
+            status = "error: " + (str(error).strip().splitlines() or [type(error).__name__])[-1][:120]
         elif met.get("finished"):
             status = "done"
         else:
@@ -243,9 +195,9 @@ def _measure_latencies(cfg: JobConfig, rows: list[dict], log) -> None:
     contention), with ``sweep.cpus_per_trial`` threads."""
     from .checkpoint import load
     from .latency import latency_profile
-    from .pipeline import data_splits
+    from .data import job_splits
 
-    example = data_splits(cfg).test[0][0][None]
+    example = job_splits(cfg.data, cfg.seed).test[0][0][None]
     threads = max(1, int(cfg.sweep.cpus_per_trial))
     reps = cfg.sweep.latency_repeats
     gpu = cfg.device if cfg.device.startswith("cuda") else None  # also timed on the job's GPU when there is one

@@ -47,3 +47,11 @@ def tiny_job_overrides(tmp_path):
         "stats.max_batches=3", "stats.batch_size=32", "prune.target=flops:0.5", "progress=false",
         f"output.uri={tmp_path / 'out'}",
     ]
+
+
+def pytest_collection_modifyitems(config, items):
+    """Every test that uses the shared Ray cluster is a ``ray`` test, whatever its decorators say
+    (so ``-m "not ray"`` never starts Ray)."""
+    for item in items:
+        if "ray_cluster" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.ray)

@@ -24,7 +24,8 @@ import torch
 import torchvision
 from torch import nn
 
-from raykfe.channels import ChannelGraph, ChannelPlan, apply_channels, channel_layer_fractions
+from raykfe.channels import ChannelGraph, apply_channels, channel_layer_fractions
+from raykfe.plan import ChannelLayer, Plan, Summary
 from raykfe.counting import count
 from raykfe.errors import ConfigError
 
@@ -291,13 +292,14 @@ def test_architecture(arch):
         assert kept >= 1 and before >= kept
 
     # 4: rebuild from a fresh base model + removed indices + safetensors weights; plan round trip
-    plan = ChannelPlan(
+    plan = Plan(
         method="l1", target="flops:0.5", removed=removed, skipped=dict(graph.skipped), base_params=graph.base_params,
-        base_macs=graph.base_macs, params=summary["params"], macs=summary["macs"],
-        options={"input_shape": [3, 32, 32], "layers": {k: list(v) for k, v in layers.items()}, "summary": summary},
+        base_macs=graph.base_macs, params=summary["params"], macs=summary["macs"], input_shape=[3, 32, 32],
+        channels={k: ChannelLayer(kept, total) for k, (kept, total) in layers.items()},
+        summary=Summary("flops:0.5", summary["achieved"], summary["within_tolerance"], summary["removed_channels"], summary["channels"]),
     )
-    back = ChannelPlan.from_json(plan.to_json())
-    assert back == plan and back.kind == "channels"
+    back = Plan.from_json(plan.to_json())
+    assert back == plan and back.space == "channels"
     fresh = build(arch, seed=7)
     rebuilt = apply_channels(fresh, torch.zeros(1, 3, 32, 32), back.removed)  # float32 example: cast inside
     rebuilt.load_state_dict(state_bytes_roundtrip(pruned))
@@ -363,7 +365,7 @@ def test_bad_input(resnet18_graph):
     one_line_error(lambda: graph.cost({"conv1": 64}), "conv1", "63")
     one_line_error(lambda: apply_channels(model, torch.zeros(1, 3, 32, 32), {"conv1": list(range(64))}), "keep at least one")
     one_line_error(lambda: apply_channels(model, torch.zeros(1, 3, 32, 32), {"conv1": [64]}), "outside")
-    one_line_error(lambda: ChannelPlan.from_dict({"kind": "kfe"}), "kind")
+    one_line_error(lambda: Plan.from_dict({"kind": "convs", "method": "l1", "target": "flops:0.5"}), "kind")
     one_line_error(lambda: graph.select({}, "flops:0.5"), "no channel group is scored")
 
 

@@ -77,7 +77,7 @@ def test_job_identity_ignores_run_only_fields_and_fills_newer_defaults():
     """A result stored before a field existed, or run with other data workers, is the same job;
     a change in what is computed is not."""
     from raykfe.config import config_to_dict
-    from raykfe.pipeline import _job_identity
+    from raykfe.stages import job_identity as _job_identity
 
     full = config_to_dict(load_config("jobs/digits.yaml"))
     old = {k: v for k, v in full.items() if k != "latency"}

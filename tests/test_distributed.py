@@ -21,9 +21,15 @@ from raykfe.distributed.collective import pack_triangles, unpack_triangles
 from raykfe.errors import RaykfeError
 from raykfe.factors import LayerStats
 from raykfe.models import build_model
-from raykfe.pipeline import LocalBackend, ModelRecipe, data_splits, run_job, state_of
+from raykfe.backend import JobContext, LocalBackend
+from raykfe.capture import prunable_layers
+from raykfe.checkpoint import ModelRecipe
+from raykfe.data import job_splits
+from raykfe.engine import plan_from_scores
+from raykfe.finetune import state_of
+from raykfe.pipeline import run_job
 from raykfe.plan import Plan
-from raykfe.pruning import plan_from_scores, prunable_layers
+from raykfe.settings import PruneSettings
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -60,15 +66,20 @@ def _setup(tmp_path, *extra):
     ])
     torch.manual_seed(0)
     model = build_model("resnet8", 10)
-    example = data_splits(cfg).test[0][0][None]
+    example = job_splits(cfg.data, cfg.seed).test[0][0][None]
     adapters, skipped = prunable_layers(model, example)
     return cfg, model, example, adapters, skipped
+
+
+def _opened(backend, cfg):
+    backend.open(JobContext.of(cfg))
+    return backend
 
 
 def _plan(cfg, model, example, adapters, skipped, stats, scored) -> Plan:
     return plan_from_scores(
         model, example, scored, {n: stats[n].meta for n in adapters}, cfg.prune.target, skipped,
-        method="eigendamage", max_layer_ratio=0.95, tolerance=0.02, options={},
+        method="eigendamage", settings=PruneSettings(max_layer_ratio=0.95, tolerance=0.02),
     )
 
 
@@ -89,9 +100,9 @@ def test_two_workers_match_single_process_statistics_and_plan(ray_cluster, tmp_p
 
     cfg, model, example, adapters, skipped = _setup(tmp_path)
     recipe, state = ModelRecipe(dict(model.raykfe_spec)), state_of(model)
-    backend = RayBackend(cfg)
-    dist_stats = backend.collect(cfg, recipe, state, list(adapters))
-    local_stats = LocalBackend().collect(cfg, recipe, state, list(adapters))
+    backend = _opened(RayBackend(cfg), cfg)
+    dist_stats = backend.kfac(recipe, state, list(adapters), "patch")
+    local_stats = _opened(LocalBackend(), cfg).kfac(recipe, state, list(adapters), "patch")
     assert next(iter(local_stats.values())).count == 3 * 32
     _assert_stats_close(dist_stats, local_stats)
 
@@ -116,7 +127,7 @@ def test_eigen_pool_work_queue_scores_every_layer_once(ray_cluster, one_thread):
     exactly one actor, the largest are handed out first, and the scores are the in-process ones."""
     from raykfe.distributed.actors import EigenPool
     from raykfe.eigen import eigenbasis
-    from raykfe.pruning import score_in_basis
+    from raykfe.methods.eigendamage import score_in_basis
 
     g = torch.Generator().manual_seed(3)
     stats, weights = {}, {}
@@ -145,9 +156,9 @@ def test_worker_killed_during_statistics_is_restarted_with_same_statistics(ray_c
     recipe, state = ModelRecipe(dict(model.raykfe_spec)), state_of(model)
     marker = tmp_path / "killed"
     monkeypatch.setenv(FAULT_ENV, f"stats:1:1:{marker}")  # rank 1 exits hard after its first batch
-    dist_stats = RayBackend(cfg).collect(cfg, recipe, state, list(adapters))
+    dist_stats = _opened(RayBackend(cfg), cfg).kfac(recipe, state, list(adapters), "patch")
     assert marker.exists(), "the fault was not injected"
-    _assert_stats_close(dist_stats, LocalBackend().collect(cfg, recipe, state, list(adapters)))
+    _assert_stats_close(dist_stats, _opened(LocalBackend(), cfg).kfac(recipe, state, list(adapters), "patch"))
 
 
 class _DiesAfterStatistics(LocalBackend):
@@ -194,7 +205,7 @@ def test_job_on_s3_stopped_mid_finetuning_resumes_from_last_epoch(ray_cluster, s
     assert [r["epoch"] for r in job.metrics["history"]["finetune"]] == [1, 2]
     loaded = raykfe.load(uri)
     loaded.model.eval()
-    x = data_splits(cfg).test[0][0][None]
+    x = job_splits(cfg.data, cfg.seed).test[0][0][None]
     with torch.no_grad():
         assert torch.equal(loaded.model(x), job.result.model.eval()(x))
 

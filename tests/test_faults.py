@@ -39,7 +39,9 @@ import raykfe
 from raykfe.config import load_config
 from raykfe.counting import count
 from raykfe.pareto import pareto_front
-from raykfe.pipeline import LocalBackend, data_splits, run_job
+from raykfe.backend import LocalBackend
+from raykfe.data import job_splits
+from raykfe.pipeline import run_job
 from raykfe.stages import StageStore
 from raykfe.storage import open_uri
 
@@ -421,7 +423,7 @@ def test_fifty_trial_sweep_completes_with_a_consistent_table(ray_cluster, tmp_pa
         assert len({r["macs"] for r in trials if r["target"] == target}) == 1, target
 
     # spot checks: the saved model loads and has the MACs and parameters the table says
-    example = data_splits(cfg).test[0][0][None]
+    example = job_splits(cfg.data, cfg.seed).test[0][0][None]
     for r in trials[::12]:
         loaded = raykfe.load(r["uri"])
         assert loaded.plan.target == r["target"]

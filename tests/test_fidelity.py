@@ -29,7 +29,8 @@ from raykfe.factors import LayerStats
 from raykfe.layers import make_adapter
 from raykfe.methods.eigendamage import entry_scores, kfe_weight, unit_scores
 from raykfe.plan import LayerPlan, Plan, dense_cost, kfe_cost
-from raykfe.pruning import layer_scores, prunable_layers
+from raykfe.capture import prunable_layers
+from raykfe.methods.eigendamage import layer_scores
 from raykfe.surgery import apply_plan
 
 DT = torch.float64

@@ -9,14 +9,17 @@ import pytest
 import torch
 
 import raykfe
-from raykfe.capture import collect_factors, find_layers
+from raykfe.backend import LocalBackend
+from raykfe.capture import collect_factors, find_layers, layer_metas, prunable_layers
 from raykfe.config import load_config
-from raykfe.iterative import compose_plan, layer_metas, merge_round, round_layer_names, round_metas, round_target
+from raykfe.engine import plan_from_scores
+from raykfe.iterative import compose_plan, merge_round, round_layer_names, round_metas, round_target
 from raykfe.layers import make_adapter
+from raykfe.methods.eigendamage import score_in_basis
 from raykfe.models import build_model
-from raykfe.pipeline import LocalBackend, run_job
+from raykfe.pipeline import run_job
 from raykfe.plan import Target
-from raykfe.pruning import plan_from_scores, prunable_layers, score_in_basis
+from raykfe.settings import PruneSettings
 from raykfe.eigen import eigenbasis
 from raykfe.surgery import KFEConv2d, fill_kfe, make_kfe_shell, set_module
 
@@ -37,7 +40,7 @@ def _round(model, adapters, skipped, metas, batches, example, target, mode, rati
     scored = {n: score_in_basis(t, found[t].weight_matrix(), eigenbasis(t, stats[t])) for n, t in names.items()}
     rmetas = round_metas(model, metas, {t: stats[t].meta for t in names.values()}, names)
     plan = plan_from_scores(model, example, scored, rmetas, target, skipped, method="eigendamage-iterative",
-                            max_layer_ratio=ratio, tolerance=0.02, options={})
+                            settings=PruneSettings(max_layer_ratio=ratio, tolerance=0.02))
     return plan, {n: (s.basis.QA, s.basis.QS, s.w_kfe) for n, s in scored.items()}, names
 
 
@@ -122,7 +125,7 @@ def test_iterative_job_reaches_target_resumes_between_rounds_and_reloads(tmp_pat
     assert "round1" in job.metrics["reused_stages"]
     assert abs(job.metrics["macs_reduction"] - 0.6) <= 0.02  # prune.tolerance
     res = raykfe.load(str(tmp_path / "out"))
-    assert [r["round"] for r in res.plan.options["rounds"]] == [1, 2]
+    assert [r["round"] for r in res.plan.steps] == [1, 2]
     x = torch.randn(2, 3, 16, 16)
     res.model.eval()
     job.result.model.eval()
@@ -149,5 +152,5 @@ def test_iterative_job_runs_distributed_on_ray(ray_cluster, tmp_path, tiny_job_o
     job = run_job(cfg, RayBackend(cfg), log=lambda m: None)
     assert abs(job.metrics["macs_reduction"] - 0.6) <= 0.02
     res = raykfe.load(str(tmp_path / "out"))
-    assert [r["round"] for r in res.plan.options["rounds"]] == [1, 2]
+    assert [r["round"] for r in res.plan.steps] == [1, 2]
     assert (tmp_path / "out" / "stages" / "stats-round2.json").exists()

@@ -299,7 +299,7 @@ def test_diverged_epoch_is_never_checkpointed_and_the_last_good_one_is_kept(tmp_
     with finite losses but NaN/Inf weights (its last step blew up); it must not replace epoch 1's
     checkpoint, and a re-run resumes from epoch 1."""
     from raykfe.config import TrainConfig
-    from raykfe.pipeline import run_training
+    from raykfe.finetune import run_training
     from raykfe.stages import StageStore
     from raykfe.storage import open_uri
 
@@ -316,7 +316,7 @@ def test_diverged_epoch_is_never_checkpointed_and_the_last_good_one_is_kept(tmp_
 
     model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
     with pytest.raises(raykfe.NumericalError) as info:
-        run_training(model, batch, tcfg, "finetune", store, before_epoch=blow_up_at_epoch_2(model))
+        run_training(model, batch, tcfg.settings(), "finetune", store, before_epoch=blow_up_at_epoch_2(model))
     msg = str(info.value)
     assert "fine-tuning diverged at epoch 2" in msg and "finetune.lr=0.1" in msg
     assert "checkpoint of epoch 1" in msg and "\n" not in msg
@@ -326,7 +326,7 @@ def test_diverged_epoch_is_never_checkpointed_and_the_last_good_one_is_kept(tmp_
     assert sorted(p.name for p in (tmp_path / "out" / "stages").iterdir()) == ["finetune.ckpt-1.safetensors", "finetune.ckpt.json"]
     # a re-run continues from the last good epoch
     again = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
-    history = run_training(again, batch, tcfg, "finetune", store)
+    history = run_training(again, batch, tcfg.settings(), "finetune", store)
     assert [r["epoch"] for r in history] == [1, 2, 3]
     assert store.load_checkpoint("finetune")[0] == 3
     assert all(torch.isfinite(p).all() for p in again.parameters())

@@ -20,7 +20,8 @@ from torch import nn
 import raykfe
 from raykfe.models import build_model
 from raykfe.plan import LayerPlan, Plan, dense_cost, kfe_cost
-from raykfe.pruning import layer_scores, prunable_layers
+from raykfe.capture import prunable_layers
+from raykfe.methods.eigendamage import layer_scores
 from raykfe.surgery import KFEConv2d, KFELinear, apply_plan
 
 DT = torch.float64
@@ -179,15 +180,15 @@ def test_targets_and_layer_cap(small, target: str) -> None:
     check_cap(plan, 0.5)
     assert raykfe.count(res.model, x[:1]) == raykfe.Counts(plan.params, plan.macs)
     kind, frac = target.split(":")
-    summary = plan.options["summary"]
+    summary = plan.summary
     if kind == "params":
         assert abs(plan.params_reduction - float(frac)) <= 0.02, plan.params_reduction
     elif kind == "flops":
         assert abs(plan.macs_reduction - float(frac)) <= 0.02, plan.macs_reduction
     else:
-        assert summary["units_removed"] == removed_directions(plan)
-        assert summary["units_total"] == total_directions(plan)
-        assert abs(summary["achieved"] - float(frac)) <= 0.02
+        assert summary.units_removed == removed_directions(plan)
+        assert summary.units_total == total_directions(plan)
+        assert abs(summary.achieved - float(frac)) <= 0.02
     assert any(lp.action == "kfe" for lp in plan.layers.values())
     with torch.no_grad():
         assert res.model.eval()(x).shape == (x.shape[0], 10)
@@ -198,7 +199,7 @@ def test_directions_target_counts_only_removed_directions(small) -> None:
     res = raykfe.prune(model, batches, target="directions:0.3", max_layer_ratio=0.5, stats=stats)
     plan = res.plan
     actual = removed_directions(plan) / total_directions(plan)
-    reported = plan.options["summary"]["achieved"]
+    reported = plan.summary.achieved
     assert abs(actual - reported) < 1e-12, f"plan reports {reported:.4f} of directions removed, actually {actual:.4f}"
     assert abs(actual - 0.3) <= 0.02
 

@@ -20,7 +20,7 @@ import torch
 
 from ..eigen import Eigenbasis, eigh_cost, eigenbasis
 from ..factors import LayerStats
-from ..pruning import LayerScores, score_in_basis
+from ..methods.eigendamage import LayerScores, score_in_basis
 
 __all__ = ["EigenActor", "EigenPool"]
 

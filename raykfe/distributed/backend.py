@@ -1,4 +1,11 @@
-"""The Ray implementation of the pipeline's backend (see :class:`raykfe.pipeline.LocalBackend`)."""
+"""The Ray implementation of the job backend (:class:`raykfe.backend.Backend`): statistics and
+training on Ray Train workers, eigendecompositions on actors.
+
+The job's context is put in Ray's object store once per job (:meth:`RayBackend.open`); every Train
+run gets its reference. Workers hand their result (the all-reduced statistics, the trained
+state_dict) to an inbox actor that the backend owns, and the backend returns it: nothing goes
+through the stage store but the per-epoch training checkpoints, which must outlive a worker.
+"""
 
 from __future__ import annotations
 
@@ -11,22 +18,20 @@ import ray
 from ray.train import FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from ..config import JobConfig, config_to_dict
+from ..backend import JobContext
+from ..config import JobConfig
 from ..errors import RaykfeError
 from ..factors import stats_from_tensors
-from ..stages import StageStore
-from ..storage import open_uri
 from ..stream import export_listings
 from .actors import EigenPool
 from .cluster import connect
+from .faults import FAULT_ENV, test_fault_from_env
 from .workers import measure_worker, stats_worker, train_worker
 
 __all__ = ["RayBackend", "FAULT_ENV"]
 
-FAULT_ENV = "RAYKFE_FAULT_INJECT"
 
-
-def _absolute(cfg: JobConfig) -> JobConfig:
+def _absolute(ctx: JobContext) -> JobContext:
     """Local paths made absolute: Train workers do not share the driver's working directory."""
 
     def fix(uri):
@@ -34,19 +39,21 @@ def _absolute(cfg: JobConfig) -> JobConfig:
             return os.path.abspath(urlparse(uri).path if uri.startswith("file://") else uri)
         return uri
 
-    return dataclasses.replace(
-        cfg,
-        output=dataclasses.replace(cfg.output, uri=fix(cfg.output.uri)),
-        data=dataclasses.replace(cfg.data, root=fix(cfg.data.root)),
-    )
+    return dataclasses.replace(ctx, store_uri=fix(ctx.store_uri), data=dataclasses.replace(ctx.data, root=fix(ctx.data.root)))
 
 
-def _fault() -> dict | None:
-    spec = os.environ.get(FAULT_ENV)
-    if not spec:
-        return None
-    stage, rank, after, marker = spec.split(":", 3)
-    return {"stage": stage, "rank": int(rank), "after": int(after), "marker": marker}
+@ray.remote(num_cpus=0)
+class _Inbox:
+    """Where a Train run's chief leaves its result for the driver (the actor holds the value)."""
+
+    def __init__(self) -> None:
+        self.items: dict = {}
+
+    def put(self, key: str, value) -> None:
+        self.items[key] = value
+
+    def take(self, key: str):
+        return self.items.pop(key, None)
 
 
 class RayBackend:
@@ -57,36 +64,38 @@ class RayBackend:
     def __init__(self, cfg: JobConfig) -> None:
         self.rc = cfg.ray
         self._connected = False
+        self._ctx = None
+        self._inbox = None
+        self.worker_reports: dict[str, list[dict]] = {}  # per stage, each worker's figures of its last run
 
-    def prepare(self) -> None:
-        """Join or start the cluster before the job writes anything."""
+    def open(self, ctx: JobContext) -> None:
+        """Join or start the cluster before the job writes anything; ship the job's context once."""
         self._connect()
+        self._ctx = ray.put(_absolute(ctx))
+        self._inbox = _Inbox.remote()
+        self._name = ctx.name
 
     def _connect(self) -> None:
         if not self._connected:
             connect(self.rc.address, self.rc.num_cpus)
             self._connected = True
 
-    def _fit(self, fn, cfg: JobConfig, recipe, state, stage: str, **extra) -> None:
-        self._connect()
-        cfg = _absolute(cfg)
+    def _fit(self, fn, recipe, state, stage: str, **extra):
+        """One Train run of ``fn`` on the job's workers; the value its chief left in the inbox."""
         config = {
-            "cfg": config_to_dict(cfg),
-            "recipe": dataclasses.asdict(recipe),
-            "state": ray.put(state),
-            "threads": max(1, int(self.rc.cpus_per_worker)),
-            "fault": _fault(),
-            "stage": stage,
+            "ctx": self._ctx, "inbox": self._inbox, "recipe": dataclasses.asdict(recipe), "state": ray.put(state),
+            "threads": max(1, int(self.rc.cpus_per_worker)), "bucket_mb": self.rc.bucket_mb,
+            "fault": test_fault_from_env(), "stage": stage,
             "listings": ray.put(export_listings()),  # the data root's listing, made once by the driver
             **extra,
         }
-        resources = {"CPU": self.rc.cpus_per_worker}
         trainer = TorchTrainer(
             fn,
             train_loop_config=config,
-            scaling_config=ScalingConfig(num_workers=self.rc.workers, use_gpu=self.rc.use_gpu, resources_per_worker=resources),
+            scaling_config=ScalingConfig(num_workers=self.rc.workers, use_gpu=self.rc.use_gpu,
+                                         resources_per_worker={"CPU": self.rc.cpus_per_worker}),
             run_config=RunConfig(
-                name=f"raykfe-{cfg.name}-{stage}-{uuid.uuid4().hex[:8]}",
+                name=f"raykfe-{self._name}-{stage}-{uuid.uuid4().hex[:8]}",
                 failure_config=FailureConfig(max_failures=self.rc.max_failures),
             ),
         )
@@ -100,24 +109,20 @@ class RayBackend:
             raise RaykfeError(
                 f"the {stage} stage failed on the Ray Train workers after {self.rc.max_failures} restarts: {msg}"
             ) from None
+        reports = ray.get([self._inbox.take.remote(f"{stage}.worker-{r}") for r in range(self.rc.workers)])
+        self.worker_reports[stage] = [r for r in reports if r is not None]
+        return ray.get(self._inbox.take.remote(stage))
 
-    def train(self, cfg, recipe, state, tcfg, stage, store):
-        self._fit(train_worker, cfg, recipe, state, stage, tcfg=config_to_dict(tcfg))
-        ckpt = StageStore(open_uri(_absolute(cfg).output.uri)).load_checkpoint(stage)
-        if ckpt is None:  # zero epochs
-            return state, []
-        _, tensors, meta = ckpt
-        return {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, meta["history"]
+    def train(self, recipe, state, settings, stage):
+        out = self._fit(train_worker, recipe, state, stage, train=dataclasses.asdict(settings))
+        return out if out is not None else (state, [])
 
-    def collect(self, cfg, recipe, state, layers, *, stage="stats", conv_mode=None):
-        self._fit(stats_worker, cfg, recipe, state, stage, layers=list(layers), conv_mode=conv_mode)
-        tensors, meta = StageStore(open_uri(_absolute(cfg).output.uri)).load(stage)
+    def kfac(self, recipe, state, layers, conv_mode):
+        tensors, meta = self._fit(stats_worker, recipe, state, "stats", layers=list(layers), conv_mode=conv_mode)
         return stats_from_tensors(tensors, meta)
 
-    def measure(self, cfg, recipe, state, kind, spec, *, stage):
-        self._fit(measure_worker, cfg, recipe, state, stage, kind=kind, spec=spec)
-        tensors, _ = StageStore(open_uri(_absolute(cfg).output.uri)).load(stage)
-        return tensors
+    def measure(self, recipe, state, kind, spec):
+        return self._fit(measure_worker, recipe, state, "stats", kind=kind, spec=spec)
 
     def score(self, stats, weights):
         self._connect()

@@ -1,29 +1,27 @@
 """Ray Train worker functions (each runs on every Train worker; rank 0 is the chief).
 
-* :func:`stats_worker` -- each worker reads its own shard (rank r: the r-th contiguous slice),
-  accumulates (sum, count) statistics, all-reduces them in buckets, and the chief stores them.
+* :func:`stats_worker` / :func:`measure_worker` -- each worker reads its own shard (rank r: the
+  r-th contiguous slice), accumulates (sum, count) statistics, all-reduces them in buckets, and
+  the chief leaves them in the backend's inbox (every worker leaves its own figures there too).
   Fisher labels are drawn per example index (:func:`raykfe.capture.example_uniforms`), so the
   merged statistics equal the single-process ones whatever the number of workers, and a restarted
   worker redraws the same labels.
 * :func:`train_worker` -- data-parallel SGD (DDP via ``ray.train.torch.prepare_model``): every
   epoch each worker takes an equal slice of a seeded permutation, the chief validates, checkpoints
-  under the job's stage store and every worker reports the epoch's metrics. A restarted worker
-  group resumes from the newest checkpoint; ``stages/<stage>.attempts.json`` lists the epoch after
-  which each attempt started.
+  under the job's stage store and every worker reports the epoch's metrics; at the end the chief
+  leaves the state_dict and the history in the inbox. A restarted worker group resumes from the
+  newest checkpoint; ``stages/<stage>.attempts.json`` lists the epoch after which each attempt
+  started.
 
-A test-only fault can be injected through ``config["fault"]`` (set by the driver from the
-``RAYKFE_FAULT_INJECT`` environment variable, ``stage:rank:after:marker-file``): the worker of that
-rank exits hard once, after ``after`` batches (stats) or epochs (training).
+Reliability tests inject worker deaths through :mod:`raykfe.distributed.faults`.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import resource
 import sys
 import time
-from pathlib import Path
 
 import ray
 import ray.train
@@ -31,13 +29,16 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..capture import collect_factors
-from ..config import TrainConfig, config_from_dict
+from ..checkpoint import ModelRecipe
+from ..data import job_splits, loader_options, make_loader
 from ..factors import stats_to_tensors
+from ..finetune import TrainSettings, run_training
+from ..methods import collect_statistic
 from ..stages import StageStore
-from ..data import loader_options
 from ..storage import open_uri
 from ..stream import block_order, import_listings, worker_local_order
 from .collective import allreduce_stats, allreduce_tensors
+from .faults import inject_test_fault
 
 __all__ = ["stats_worker", "measure_worker", "train_worker", "IndexedSubset", "ShardSampler", "peak_rss_mb"]
 
@@ -102,95 +103,88 @@ def peak_rss_mb() -> float:
     return rss / (1 << 20) if sys.platform == "darwin" else rss / 1024
 
 
-def _maybe_fail(fault: dict | None, stage: str, rank: int, step: int) -> None:
-    if not fault or fault.get("stage") != stage or int(fault.get("rank", -1)) != rank or step != int(fault.get("after", 0)):
-        return
-    marker = Path(fault["marker"])
-    if marker.exists():
-        return
-    marker.write_text(f"killed {stage} rank {rank} after {step}\n")
-    os._exit(1)
-
-
 def _setup(config: dict):
-    from ..pipeline import ModelRecipe, data_splits
-
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    cfg = config_from_dict(config["cfg"])
+    ctx = ray.get(config["ctx"])
+    tc = ray.train.get_context()
     torch.set_num_threads(max(1, int(config.get("threads", 1))))
     model = ModelRecipe(**config["recipe"]).build()
     model.load_state_dict(ray.get(config["state"]))
     if config.get("listings") is not None:  # the driver's listing of the data root: not listed again
         import_listings(ray.get(config["listings"]))
-    return cfg, rank, world, model, data_splits(cfg)
+    return ctx, tc.get_world_rank(), tc.get_world_size(), model, job_splits(ctx.data, ctx.seed)
 
 
-def _shard_batches(cfg, rank: int, world: int, splits, fault: dict | None, stage: str):
+def _leave(config: dict, key: str, value) -> None:
+    ray.get(config["inbox"].put.remote(key, value))
+
+
+def _shard_batches(ctx, rank: int, world: int, splits, fault: dict | None, stage: str):
     """This worker's shard of the statistics data, as batches: of the first ``n`` training examples
     (``n`` capped by ``stats.max_batches``; nothing beyond them is read), rank r takes the r-th of
     ``world`` contiguous slices, so that a sharded store is read in runs, each row group by one rank.
     The statistics are sums, so the split does not change them."""
+    s = ctx.stats
     n = len(splits.train)
-    if cfg.stats.max_batches is not None:
-        n = min(n, cfg.stats.max_batches * cfg.stats.batch_size)
+    if s.max_batches is not None:
+        n = min(n, s.max_batches * s.batch_size)
     workers = int(getattr(splits.train, "workers", 0) or 0)
-    order = worker_local_order(range(rank * n // world, (rank + 1) * n // world), cfg.stats.batch_size, workers)
+    order = worker_local_order(range(rank * n // world, (rank + 1) * n // world), s.batch_size, workers)
     subset = IndexedSubset(splits.train, order)
-    loader = DataLoader(subset, batch_size=cfg.stats.batch_size, shuffle=False, **loader_options(subset, workers))
+    loader = DataLoader(subset, batch_size=s.batch_size, shuffle=False, **loader_options(subset, workers))
     for b, batch in enumerate(loader):
-        _maybe_fail(fault, stage, rank, b)
+        inject_test_fault(fault, stage, rank, b)
         yield batch
 
 
-def stats_worker(config: dict) -> None:
-    cfg, rank, world, model, splits = _setup(config)
-    device = ray.train.torch.get_device()
-    model.to(device)
-    stage = config.get("stage", "stats")
-    t0 = time.perf_counter()
-    stats = collect_factors(
-        model, _shard_batches(cfg, rank, world, splits, config.get("fault"), "stats"), fisher=cfg.stats.fisher,
-        conv_mode=config.get("conv_mode") or cfg.stats.conv_mode, seed=cfg.seed, layers=config["layers"], progress=False,
-    )
-    seconds = time.perf_counter() - t0
-    examples = stats[config["layers"][0]].count
-    t0 = time.perf_counter()
-    allreduce_stats(stats, bucket_bytes=cfg.ray.bucket_mb << 20, device=device if device.type == "cuda" else None)
-    store = StageStore(open_uri(cfg.output.uri))
-    store.save_text(f"{stage}.worker-{rank}.json", json.dumps({
-        "rank": rank, "world": world, "examples": examples, "pass_seconds": seconds,
-        "allreduce_seconds": time.perf_counter() - t0, "peak_rss_mb": peak_rss_mb(),
-    }))
-    if rank == 0:
-        store.save(stage, *stats_to_tensors(stats))
-        if cfg.progress:
-            print(f"[{stage}] {stats[config['layers'][0]].count} examples on {world} workers, "
-                  f"{len(stats)} layers, pass {seconds:.1f} s", flush=True)
-    ray.train.report({"layers": len(stats), "examples": stats[config["layers"][0]].count})
-
-
-def measure_worker(config: dict) -> None:
-    """The parameter-coordinate methods' statistics (:func:`raykfe.measure.measure`) of this
-    worker's shard, all-reduced by summation; the chief stores them as stage ``config["stage"]``."""
-    from ..measure import measure
-
-    cfg, rank, world, model, splits = _setup(config)
+def _statistics_run(config: dict, compute, reduce, describe: str):
+    """The common body of the statistics workers: this rank's shard -> ``compute(model, batches,
+    ctx)`` -> ``reduce`` (all-reduce of the sums) -> the chief leaves the result; every worker
+    leaves its figures and reports once (Ray Train needs equal calls)."""
+    ctx, rank, world, model, splits = _setup(config)
     device = ray.train.torch.get_device()
     model.to(device)
     stage = config["stage"]
     t0 = time.perf_counter()
-    sums = measure(
-        config["kind"], model, _shard_batches(cfg, rank, world, splits, config.get("fault"), "stats"), config["spec"],
-        fisher=cfg.stats.fisher, seed=cfg.seed,
-    )
+    result, examples = compute(model, _shard_batches(ctx, rank, world, splits, config.get("fault"), stage), ctx)
     seconds = time.perf_counter() - t0
-    sums = allreduce_tensors(sums, bucket_bytes=cfg.ray.bucket_mb << 20, device=device if device.type == "cuda" else None)
+    t0 = time.perf_counter()
+    result = reduce(result, config["bucket_mb"] << 20, device if device.type == "cuda" else None)
+    _leave(config, f"{stage}.worker-{rank}", {"rank": rank, "world": world, "examples": examples, "pass_seconds": seconds,
+                                            "allreduce_seconds": time.perf_counter() - t0, "peak_rss_mb": peak_rss_mb()})
     if rank == 0:
-        StageStore(open_uri(cfg.output.uri)).save(stage, {k: v.contiguous() for k, v in sums.items()}, {"kind": config["kind"]})
-        if cfg.progress:
-            print(f"[{stage}] {config['kind']} on {world} workers, pass {seconds:.1f} s", flush=True)
+        _leave(config, stage, result)
+        if ctx.progress:
+            print(f"[{stage}] {describe} on {world} workers, pass {seconds:.1f} s", flush=True)
     ray.train.report({"seconds": seconds})
+
+
+def stats_worker(config: dict) -> None:
+    """K-FAC statistics of ``config["layers"]`` on this worker's shard, all-reduced (triangles)."""
+
+    def compute(model, batches, ctx):
+        stats = collect_factors(model, batches, fisher=ctx.stats.fisher, conv_mode=config["conv_mode"], seed=ctx.seed,
+                                layers=config["layers"], progress=False)
+        return stats, next(iter(stats.values())).count
+
+    def reduce(stats, bucket_bytes, device):
+        allreduce_stats(stats, bucket_bytes=bucket_bytes, device=device)
+        return stats_to_tensors(stats)
+
+    _statistics_run(config, compute, reduce, f"K-FAC statistics of {len(config['layers'])} layers")
+
+
+def measure_worker(config: dict) -> None:
+    """A registered statistic (:func:`raykfe.methods.collect_statistic`) of this worker's shard,
+    all-reduced by summation."""
+
+    def compute(model, batches, ctx):
+        sums = collect_statistic(config["kind"], model, batches, config["spec"], fisher=ctx.stats.fisher, seed=ctx.seed)
+        return sums, int(sums["count"].reshape(-1)[0].item()) if "count" in sums else None
+
+    def reduce(sums, bucket_bytes, device):
+        return {k: v.contiguous() for k, v in allreduce_tensors(sums, bucket_bytes=bucket_bytes, device=device).items()}
+
+    _statistics_run(config, compute, reduce, f"{config['kind']} statistics")
 
 
 def _report_epoch(record: dict, stage: str, epochs: int, show: bool) -> None:
@@ -203,22 +197,19 @@ def _report_epoch(record: dict, stage: str, epochs: int, show: bool) -> None:
 
 
 def train_worker(config: dict) -> None:
-    from ..data import make_loader
-    from ..pipeline import run_training
-
-    cfg, rank, world, model, splits = _setup(config)
+    ctx, rank, world, model, splits = _setup(config)
     stage = config["stage"]
-    tcfg = TrainConfig(**{**config["tcfg"], "milestones": tuple(config["tcfg"]["milestones"])})
+    settings = TrainSettings(**config["train"])
     model = ray.train.torch.prepare_model(model)
     device = ray.train.torch.get_device()
-    per_worker = max(1, tcfg.batch_size // world)
+    per_worker = max(1, settings.batch_size // world)
     workers = int(getattr(splits.train, "workers", 0) or 0)
-    sampler = ShardSampler(len(splits.train), rank, world, cfg.seed + (stage == "finetune"),
-                           blocks=getattr(splits.train, "blocks", None), batch=per_worker, workers=workers)
+    seed = ctx.seed + (stage == "finetune")
+    sampler = ShardSampler(len(splits.train), rank, world, seed, blocks=getattr(splits.train, "blocks", None),
+                           batch=per_worker, workers=workers)
     loader = DataLoader(splits.train, batch_size=per_worker, sampler=sampler, drop_last=True,
                         **loader_options(splits.train, workers))
-    fault = config.get("fault")
-    store = StageStore(open_uri(cfg.output.uri))
+    store = StageStore(open_uri(ctx.store_uri))
     first = []
 
     def before_epoch(epoch: int) -> None:
@@ -226,13 +217,16 @@ def train_worker(config: dict) -> None:
             first.append(epoch)
             done = json.loads(store.load_text(f"{stage}.attempts.json") or "[]")
             store.save_text(f"{stage}.attempts.json", json.dumps(done + [epoch - 1]))
-        _maybe_fail(fault, stage, rank, epoch - 1)
+        inject_test_fault(config.get("fault"), stage, rank, epoch - 1)
         sampler.set_epoch(epoch)
 
-    run_training(
-        model, loader, tcfg, stage, store,
+    unwrap = lambda m: getattr(m, "module", m)  # noqa: E731
+    history = run_training(
+        model, loader, settings, stage, store,
         val_loader=make_loader(splits.val, 256, shuffle=False) if rank == 0 else None,
         device=device, progress=False, chief=rank == 0, before_epoch=before_epoch,
-        on_epoch=lambda rec: _report_epoch(rec, stage, tcfg.epochs, rank == 0 and cfg.progress),
-        unwrap=lambda m: getattr(m, "module", m), seed=(cfg.seed + (stage == "finetune")) * 1009 + rank,
+        on_epoch=lambda rec: _report_epoch(rec, stage, settings.epochs, rank == 0 and ctx.progress),
+        unwrap=unwrap, seed=seed * 1009 + rank,
     )
+    if rank == 0:
+        _leave(config, stage, ({k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()}, history))

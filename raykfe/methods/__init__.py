@@ -1,5 +1,8 @@
-"""Importance methods, registered by name. Each one turns a model's statistics into scores of
-structures, and the structures are removed in one of two spaces:
+"""Importance methods, registered by name (as timm registers models): each module of this package
+registers its methods and the statistics they need, and the engine (:mod:`raykfe.engine`) asks
+the registry, never a chain of ``if name == ...``.
+
+A method removes structures in one of two spaces:
 
 * ``kfe``: eigen-directions of the Kronecker-factored eigenbasis; a pruned layer becomes
   rotation -> core -> rotation (:mod:`raykfe.surgery`), nothing else in the model changes;
@@ -11,56 +14,121 @@ workers when distributed):
 
 * ``kfac``: K-FAC factors in the job's ``stats.conv_mode`` (:func:`raykfe.collect_factors`);
 * ``kfac-full``: K-FAC factors in full conv mode (the parameter-coordinate Fisher of a conv row);
-* ``diag-fisher``: the exact diagonal Fisher from per-example gradients;
-* ``sosp-h``: the mean gradient and ONE Gauss-Newton-vector product per batch;
-* ``sosp-i``: the pairwise Gauss-Newton products of all structures;
+* a name in :data:`STATISTICS` (``diag-fisher``, ``sosp-h``, ``sosp-i``): a function that turns
+  ``(model, batches, spec)`` into a flat dict of SUMS over examples (plus ``count``), so that
+  shards all-reduce by plain summation; :func:`collect_statistic` runs it anywhere;
 * ``bn-sparsity``: no pass; a sparsity-training stage (L1 on BatchNorm scales) instead;
 * ``none``: the weights alone.
+
+A channel method implements :meth:`Method.channel_scores` (and :meth:`Method.compensate` when it
+updates the kept weights); the KFE methods are scored in the eigenbasis by the engine.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
 
-from .eigendamage import entry_scores, kfe_weight, unit_scores
+import numpy as np
+import torch
+from torch import nn
 
-__all__ = ["kfe_weight", "entry_scores", "unit_scores", "METHODS", "MethodInfo", "method_info"]
+from ..errors import ConfigError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..channels import ChannelGraph
+    from ..settings import PruneSettings
+
+__all__ = ["Method", "MethodInfo", "METHODS", "STATISTICS", "register", "register_statistic", "method_info",
+           "get_method", "collect_statistic", "ChannelScores"]
 
 
 @dataclass(frozen=True)
-class MethodInfo:
+class ChannelScores:
+    """A channel method's scores: ``{group root: [group size] scores}`` and what its compensating
+    update needs (``aux``, e.g. the K-FAC statistics of the coupled layers)."""
+
+    scores: dict[str, np.ndarray]
+    aux: Any = None
+
+
+@dataclass(frozen=True)
+class Method:
+    """One registered method: its name, space, statistics and how it scores (see the module doc).
+
+    ``loss_units``: the scores are predicted loss increases (reported as such); ``needs_job``:
+    the method has a stage the API cannot run (sparsity training), so the API refuses it with a
+    one-line error naming the job command; ``shown``: the settings that say how it pruned (a
+    job report prints them beside the per-layer cap).
+    """
+
     name: str
     space: str  # "kfe" | "channels"
     statistics: str
     summary: str
-    compensates: bool = False  # applies an OBS compensating update to the kept weights
-    rounds: int = 1  # default number of prune / fine-tune rounds
+    compensates: bool = False
+    rounds: int = 1
+    loss_units: bool = True
+    needs_job: str = ""
+    shown: tuple[str, ...] = ("fisher",)
+
+    def channel_scores(self, model: nn.Module, graph: "ChannelGraph", source, settings: "PruneSettings") -> ChannelScores:
+        raise NotImplementedError(f"{self.name} is not a channel method")
+
+    def compensate(self, model: nn.Module, graph: "ChannelGraph", removed: Mapping[str, list[int]], aux: Any,
+                   settings: "PruneSettings") -> nn.Module:
+        """The model with the kept weights updated for ``removed`` (default: unchanged)."""
+        return model
 
 
-_ALL = [
-    MethodInfo("eigendamage", "kfe", "kfac", "EigenDamage: KFE directions scored by the K-FAC Fisher (one pass)"),
-    MethodInfo("eigendamage-iterative", "kfe", "kfac",
-               "EigenDamage in rounds of prune, fine-tune, re-collect and merge bases (prune.rounds)", rounds=3),
-    MethodInfo("c-obd", "channels", "diag-fisher", "channel OBD with the exact diagonal Fisher"),
-    MethodInfo("c-obs", "channels", "kfac-full",
-               "channel OBS, element-wise with the damped K-FAC inverse, sum-of-singles update", compensates=True),
-    MethodInfo("kron-obd", "channels", "kfac-full", "channel OBD with the K-FAC Fisher: 1/2 S_ii w_i^T A w_i"),
-    MethodInfo("kron-obs", "channels", "kfac-full",
-               "channel OBS with the damped K-FAC Fisher and its joint compensating update", compensates=True),
-    MethodInfo("sosp-h", "channels", "sosp-h", "SOSP-H: one Gauss-Newton-vector product scores every channel"),
-    MethodInfo("sosp-i", "channels", "sosp-i", "SOSP-I: pairwise Gauss-Newton interactions of all channels"),
-    MethodInfo("l1", "channels", "none", "L1 norm of each filter (Li et al. 2017), normalised per layer"),
-    MethodInfo("slimming", "channels", "bn-sparsity",
-               "network slimming: |BatchNorm scale| after L1 sparsity training (Liu et al. 2017)"),
-]
+#: alias kept for code written against the earlier name
+MethodInfo = Method
 
 #: every method by name, in the order reports list them
-METHODS: dict[str, MethodInfo] = {m.name: m for m in _ALL}
+METHODS: dict[str, Method] = {}
+
+#: statistic name -> ``fn(model, batches, spec, *, fisher, seed, max_batches, progress) -> {name: sum tensor}``
+STATISTICS: dict[str, Callable[..., dict[str, torch.Tensor]]] = {}
 
 
-def method_info(name: str) -> MethodInfo:
-    from ..errors import ConfigError
+def register(method: Method) -> Method:
+    if method.name in METHODS:
+        raise ValueError(f"method {method.name!r} is registered twice")
+    METHODS[method.name] = method
+    return method
 
+
+def register_statistic(name: str):
+    """Decorator: ``fn`` computes the statistic ``name`` (sums over the batches, see the module doc)."""
+
+    def deco(fn):
+        STATISTICS[name] = fn
+        return fn
+
+    return deco
+
+
+def get_method(name: str) -> Method:
     if name not in METHODS:
         raise ConfigError(f"prune.method={name!r} is not known: choose one of {', '.join(METHODS)}")
     return METHODS[name]
+
+
+method_info = get_method
+
+
+def collect_statistic(kind: str, model: nn.Module, batches: Iterable, spec: dict, *, fisher: str = "true",
+                      seed: int = 0, max_batches: int | None = None, progress: bool = False) -> dict[str, torch.Tensor]:
+    """The registered statistic ``kind`` of ``model`` over ``batches``: a flat dict of sums."""
+    if kind not in STATISTICS:
+        raise ConfigError(f"statistics kind {kind!r} is not known: use one of {', '.join(STATISTICS)}")
+    return STATISTICS[kind](model, batches, spec, fisher=fisher, seed=seed, max_batches=max_batches, progress=progress)
+
+
+# registration: importing the modules fills METHODS (in this order: the order of reports) and STATISTICS
+from . import eigendamage as _eigendamage  # noqa: E402,F401
+from . import obs as _obs  # noqa: E402,F401
+from . import sosp as _sosp  # noqa: E402,F401
+from . import magnitude as _magnitude  # noqa: E402,F401
+from .eigendamage import entry_scores, kfe_weight, unit_scores  # noqa: E402,F401
+

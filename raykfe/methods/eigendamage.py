@@ -15,11 +15,39 @@ The original code omits the 1/2; raykfe keeps it so that scores are predicted lo
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import numpy as np
 import torch
 
-from ..eigen import Eigenbasis
+from ..eigen import Eigenbasis, eigenbasis
+from ..errors import ConfigError
+from . import Method, register
 
-__all__ = ["kfe_weight", "entry_scores", "unit_scores"]
+__all__ = ["kfe_weight", "entry_scores", "unit_scores", "LayerScores", "score_in_basis", "layer_scores"]
+
+register(Method("eigendamage", "kfe", "kfac", "EigenDamage: KFE directions scored by the K-FAC Fisher (one pass)",
+                shown=("fisher", "conv_mode")))
+register(Method("eigendamage-iterative", "kfe", "kfac",
+                "EigenDamage in rounds of prune, fine-tune, re-collect and merge bases (prune.rounds)", rounds=3,
+                shown=("fisher", "conv_mode")))
+
+
+@dataclass
+class LayerScores:
+    """Everything the planner and the surgery need from one layer (float64)."""
+
+    basis: Eigenbasis
+    w_kfe: torch.Tensor  # W' [d_out, d_in(, k*k)]
+    entries: torch.Tensor  # dL [d_out, d_in]
+
+    @property
+    def rows(self) -> np.ndarray:
+        return self.entries.sum(dim=1).numpy()
+
+    @property
+    def cols(self) -> np.ndarray:
+        return self.entries.sum(dim=0).numpy()
 
 
 def kfe_weight(w: torch.Tensor, basis: Eigenbasis) -> torch.Tensor:
@@ -42,3 +70,19 @@ def unit_scores(w_kfe: torch.Tensor, basis: Eigenbasis) -> tuple[torch.Tensor, t
     """(row scores ``[d_out]``, column scores ``[d_in]``) of the output and input directions."""
     d = entry_scores(w_kfe, basis)
     return d.sum(dim=1), d.sum(dim=0)
+
+
+def score_in_basis(name: str, w: torch.Tensor, basis: Eigenbasis) -> LayerScores:
+    """EigenDamage scores of weights ``W~`` in an already computed eigenbasis."""
+    if tuple(w.shape[:2]) != (basis.QS.shape[0], basis.QA.shape[0]):
+        raise ConfigError(
+            f"the eigenbasis of layer {name!r} is A{tuple(basis.QA.shape)}/S{tuple(basis.QS.shape)} but its "
+            f"weights are {tuple(w.shape[:2])}: statistics were collected on another model or conv_mode"
+        )
+    wk = kfe_weight(w, basis)
+    return LayerScores(basis, wk, entry_scores(wk, basis))
+
+
+def layer_scores(name: str, adapter, stats) -> LayerScores:
+    """Eigendecompose one layer's factors and score its KFE directions."""
+    return score_in_basis(name, adapter.weight_matrix(), eigenbasis(name, stats))

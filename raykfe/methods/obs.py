@@ -73,14 +73,17 @@ squares) hold at most ``max(max_chunk_elems, one example's worth)`` elements (de
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
-from typing import Iterable, Mapping, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError, NumericalError
+from . import ChannelScores, Method, register, register_statistic
 
 __all__ = [
     "DiagFisher",
@@ -585,3 +588,100 @@ def write_weight_matrix(adapter, w_new: torch.Tensor) -> None:
     module.weight.copy_(weight.to(module.weight.dtype))
     if bias is not None:
         module.bias.copy_(bias.to(module.bias.dtype))
+
+
+# ------------------------------------------------------------------------------------------------
+# the registered methods (channel space: a group channel scores the sum of its coupled rows)
+# ------------------------------------------------------------------------------------------------
+
+
+@register_statistic("diag-fisher")
+def _diag_fisher_statistic(model, batches, spec, *, fisher, seed, max_batches, progress) -> dict[str, torch.Tensor]:
+    """The exact Fisher diagonal of ``spec["layers"]`` as flat sums (:meth:`DiagFisher.to_tensors`)."""
+    return collect_diag_fisher(model, batches, layers=spec["layers"], fisher=fisher, seed=seed, max_batches=max_batches,
+                               progress=progress).to_tensors()
+
+
+class COBD(Method):
+    """Rows of every coupled Conv/Linear (any groups, depthwise included), exact diagonal Fisher."""
+
+    def channel_scores(self, model, graph, source, settings) -> ChannelScores:
+        from ..channels import aggregate, out_layers
+
+        layers = out_layers(model, graph)
+        df = DiagFisher.from_tensors(source.measure("diag-fisher", {"layers": layers}))
+        per = {}
+        for n in layers:
+            mod, d = model.get_submodule(n), df.diag(n)
+            bias = None if mod.bias is None else mod.bias.detach().to(F64)
+            per[n] = cobd_scores(mod.weight.detach().to(F64), d["weight"], bias, d.get("bias")).numpy()
+        return ChannelScores(aggregate(graph, per))
+
+
+@dataclass(frozen=True)
+class KroneckerChannels(Method):
+    """Rows of the coupled Linear / Conv2d (groups=1) layers scored with K-FAC factors in FULL conv
+    mode (the Fisher of a conv row in parameter coordinates); a depthwise conv in the group
+    contributes nothing. ``score_fn(W~, A, S, damping)`` per layer; ``update_fn`` (the OBS methods,
+    ``compensates=True``) gives the compensated ``W~`` for the removed rows."""
+
+    score_fn: Callable | None = None
+    update_fn: Callable | None = None
+
+    def _layers(self, model, graph, settings):
+        from ..capture import find_layers
+        from ..channels import out_layers
+
+        adapters, _ = find_layers(model, "full", settings.max_factor_dim)
+        layers = [n for n in out_layers(model, graph) if n in adapters]
+        if not layers:
+            raise ConfigError(f"prune.method={self.name} found no Linear/Conv2d (groups=1) layer to score: choose another method")
+        return adapters, layers
+
+    def channel_scores(self, model, graph, source, settings) -> ChannelScores:
+        from ..channels import aggregate
+
+        adapters, layers = self._layers(model, graph, settings)
+        stats = source.kfac(layers, "full")
+        per = {n: np.asarray(self.score_fn(adapters[n].weight_matrix().to(F64), stats[n].A, stats[n].S, settings.damping),
+                             dtype=np.float64) for n in layers}
+        return ChannelScores(aggregate(graph, per), aux=(stats, layers))
+
+    def compensate(self, model, graph, removed, aux, settings):
+        """A copy of ``model`` whose coupled layers got the OBS update for the rows ``removed``
+        takes out (the removed rows are zeroed; the surgery then drops them)."""
+        if self.update_fn is None:
+            return model
+        from ..capture import find_layers
+
+        stats, layers = aux
+        new = copy.deepcopy(model)
+        adapters, _ = find_layers(new, "full", None)
+        wanted = set(layers)
+        for g in graph.groups:
+            gone = np.asarray(removed.get(g.name, []), dtype=np.int64)
+            for m in g.members if gone.size else ():
+                if m.kind != "out" or m.module not in wanted:
+                    continue
+                rows = sorted(int(i) for i in m.index[np.isin(m.root, gone)])
+                if rows:
+                    a, st = adapters[m.module], stats[m.module]
+                    write_weight_matrix(a, self.update_fn(a.weight_matrix().to(F64), st.A, st.S, rows, damping=settings.damping))
+        return new
+
+
+register(COBD("c-obd", "channels", "diag-fisher", "channel OBD with the exact diagonal Fisher"))
+register(KroneckerChannels(
+    "c-obs", "channels", "kfac-full", "channel OBS, element-wise with the damped K-FAC inverse, sum-of-singles update",
+    compensates=True, shown=("fisher", "damping"), score_fn=lambda w, A, S, d: cobs_scores(w, A, S, damping=d),
+    update_fn=cobs_update,
+))
+register(KroneckerChannels(
+    "kron-obd", "channels", "kfac-full", "channel OBD with the K-FAC Fisher: 1/2 S_ii w_i^T A w_i",
+    score_fn=lambda w, A, S, d: kron_obd_scores(w, A, S),
+))
+register(KroneckerChannels(
+    "kron-obs", "channels", "kfac-full", "channel OBS with the damped K-FAC Fisher and its joint compensating update",
+    compensates=True, shown=("fisher", "damping"), score_fn=lambda w, A, S, d: kron_obs_scores(w, A, S, damping=d),
+    update_fn=kron_obs_update,
+))

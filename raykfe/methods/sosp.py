@@ -92,6 +92,7 @@ from torch import nn
 from torch.func import functional_call, jvp, vmap
 
 from ..errors import ConfigError
+from . import ChannelScores, Method, register, register_statistic
 
 __all__ = [
     "SospStats",
@@ -101,6 +102,9 @@ __all__ = [
     "sosp_i_stats",
     "sosp_i_scores",
     "MAX_SOSP_I_STRUCTURES",
+    "structure_owner",
+    "owner_to_lists",
+    "owner_from_lists",
 ]
 
 #: SOSP-I keeps an ``[S, S]`` matrix and runs S JVPs per example: refuse above this
@@ -484,3 +488,74 @@ def sosp_i_scores(stats: SospIStats) -> np.ndarray:
     diag = Q.diagonal()
     off = Q.abs().sum(dim=1) - diag.abs()
     return ((0.5 * diag - gdot).abs() + 0.5 * off).numpy()
+
+
+# ------------------------------------------------------------------------------------------ methods
+
+
+def structure_owner(model: nn.Module, graph) -> tuple[dict[str, torch.Tensor], dict[str, int], int]:
+    """SOSP structures of a channel graph: a structure is a group channel with ALL its dim-0
+    parameter slices (conv rows and biases, norm scales and shifts: everything channel surgery
+    slices), so removing it makes the channel exactly zero in eval mode. Returns ``owner[param
+    name]`` (each dim-0 slice's structure id, group offset + channel, or -1), ``{group: offset}``
+    and the number of structures."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    owner: dict[str, torch.Tensor] = {}
+    offsets, total = {}, 0
+    for g in graph.groups:
+        offsets[g.name] = total
+        for m in g.members:
+            if m.kind != "out":
+                continue
+            for p in model.get_submodule(m.module).parameters(recurse=False):
+                name = names.get(id(p))
+                if name is None or p.dim() == 0 or p.shape[0] <= int(m.index.max(initial=-1)):
+                    continue
+                ids = owner.setdefault(name, torch.full((p.shape[0],), -1, dtype=torch.long))
+                ids[torch.as_tensor(m.index)] = torch.as_tensor(m.root + total)
+        total += g.size
+    return owner, offsets, total
+
+
+def owner_to_lists(owner: Mapping[str, torch.Tensor]) -> dict[str, list[int]]:
+    """``owner`` as JSON-able lists (what travels to Ray Train workers in a statistic's spec)."""
+    return {k: [int(i) for i in v.tolist()] for k, v in owner.items()}
+
+
+def owner_from_lists(owner: Mapping[str, list[int]]) -> dict[str, torch.Tensor]:
+    return {k: torch.as_tensor(v, dtype=torch.long) for k, v in owner.items()}
+
+
+@register_statistic("sosp-h")
+def _sosp_h_statistic(model, batches, spec, *, fisher, seed, max_batches, progress) -> dict[str, torch.Tensor]:
+    return sosp_h_stats(model, batches, owner_from_lists(spec["owner"]), max_batches=max_batches, progress=progress).to_tensors()
+
+
+@register_statistic("sosp-i")
+def _sosp_i_statistic(model, batches, spec, *, fisher, seed, max_batches, progress) -> dict[str, torch.Tensor]:
+    return sosp_i_stats(model, batches, owner_from_lists(spec["owner"]), spec["n_structures"], max_batches=max_batches,
+                        progress=progress).to_tensors()
+
+
+class Sosp(Method):
+    """SOSP-H / SOSP-I: every group channel is a structure (:func:`structure_owner`), scored from
+    the statistic of the same name, all-reduced across workers like any sum."""
+
+    def channel_scores(self, model, graph, source, settings) -> ChannelScores:
+        owner, offsets, total = structure_owner(model, graph)
+        if self.name == "sosp-i" and total > MAX_SOSP_I_STRUCTURES:  # refuse before the pass, not after
+            raise ConfigError(
+                f"the model has {total} channel structures, above the SOSP-I limit of {MAX_SOSP_I_STRUCTURES} "
+                "(S^2 pairs, S JVPs per example): use method sosp-h, which costs one JVP per batch"
+            )
+        tensors = source.measure(self.statistics, {"owner": owner_to_lists(owner), "n_structures": total})
+        if self.name == "sosp-h":
+            s = sosp_h_scores(model, owner, SospStats.from_tensors(tensors), total)
+        else:
+            s = sosp_i_scores(SospIStats.from_tensors(tensors))
+        s = np.asarray(s, dtype=np.float64)
+        return ChannelScores({g.name: s[offsets[g.name]:offsets[g.name] + g.size] for g in graph.groups})
+
+
+register(Sosp("sosp-h", "channels", "sosp-h", "SOSP-H: one Gauss-Newton-vector product scores every channel"))
+register(Sosp("sosp-i", "channels", "sosp-i", "SOSP-I: pairwise Gauss-Newton interactions of all channels"))

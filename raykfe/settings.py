@@ -1,0 +1,114 @@
+"""How the engine prunes: every choice except the method and the target, as one typed value.
+
+:class:`PruneSettings` is what :func:`raykfe.engine.prune` takes. The API builds it from its
+keyword arguments (:func:`raykfe.prune`), a job from its config (:meth:`PruneSettings.from_job`:
+the ``stats`` and ``prune`` sections and the job's ``seed``), and the plan records it, so a result
+says how it was made. Fields are validated on construction; an error names the field and the fix.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Mapping
+
+from .errors import ConfigError
+
+__all__ = ["PruneSettings", "FISHER_TYPES", "CONV_MODES", "DEFAULT_LAYER_RATIO", "ROUND_LAYER_RATIO"]
+
+FISHER_TYPES = ("true", "empirical")
+CONV_MODES = ("patch", "full")
+#: the per-layer cap of a one-pass prune, and of each round of an iterative one
+DEFAULT_LAYER_RATIO = 0.95
+ROUND_LAYER_RATIO = 0.5
+#: a K-FAC factor side above this is not formed (8192^2 float64 = 512 MiB); the layer stays dense
+MAX_FACTOR_DIM = 8192
+
+
+def _bad(key: str, value: Any, fix: str) -> ConfigError:
+    return ConfigError(f"{key}={value!r} is invalid: {fix}")
+
+
+@dataclass(frozen=True)
+class PruneSettings:
+    """Statistics, selection and surgery settings (defaults: EigenDamage as the paper runs it).
+
+    * ``fisher``: ``"true"`` (labels sampled from the model, seeded per example) or ``"empirical"``;
+    * ``conv_mode``: ``"patch"`` (1x1 input rotation) or ``"full"`` (unfolded patches);
+    * ``max_layer_ratio``: no layer (channel group) loses more than this fraction of its directions
+      (channels); ``None``: 0.95 in one pass, 0.5 per round of an iterative method;
+    * ``include_classifier`` / ``exclude``: the final classifier and the named layers stay dense;
+    * ``tolerance``: the achieved reduction is at or above the target, and within this of it when
+      the units allow (``plan.summary.within_tolerance``);
+    * ``freeze_rotations``: the rotations of pruned KFE layers do not train;
+    * ``seed``: the Fisher's label draws; ``max_batches``: cap on each statistics pass;
+    * ``max_factor_dim``: a layer with a larger K-FAC factor side stays dense;
+    * ``damping``: relative Tikhonov damping of the K-FAC inverses (c-obs, kron-obs);
+    * ``rounds``: prune / fine-tune rounds (``None``: the method's own, 3 for eigendamage-iterative);
+    * ``round_epochs``: fine-tuning epochs between rounds (a job's ``finetune.epochs`` when None);
+    * ``progress``: progress bars on the statistics passes.
+    """
+
+    fisher: str = "true"
+    conv_mode: str = "patch"
+    max_layer_ratio: float | None = None
+    include_classifier: bool = False
+    exclude: tuple[str, ...] = ()
+    tolerance: float = 0.02
+    freeze_rotations: bool = False
+    seed: int = 0
+    max_batches: int | None = None
+    max_factor_dim: int | None = MAX_FACTOR_DIM
+    damping: float = 1e-3
+    rounds: int | None = None
+    round_epochs: int | None = None
+    progress: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.exclude, str):
+            object.__setattr__(self, "exclude", (self.exclude,))
+        object.__setattr__(self, "exclude", tuple(self.exclude))
+        checks = [
+            ("fisher", self.fisher in FISHER_TYPES, "use 'true' (sampled labels) or 'empirical'"),
+            ("conv_mode", self.conv_mode in CONV_MODES, "use 'patch' or 'full'"),
+            ("max_layer_ratio", self.max_layer_ratio is None or 0 < self.max_layer_ratio <= 1,
+             "use a fraction in (0, 1], or None for the default"),
+            ("tolerance", 0 <= self.tolerance < 1, "use a fraction, e.g. 0.02"),
+            ("max_batches", self.max_batches is None or self.max_batches >= 1, "use a positive number or None for all"),
+            ("max_factor_dim", self.max_factor_dim is None or self.max_factor_dim >= 1, "use a positive size or None"),
+            ("damping", math.isfinite(self.damping) and self.damping > 0, "use a small positive damping, e.g. 1e-3"),
+            ("rounds", self.rounds is None or self.rounds >= 1, "use 1 or more rounds, or None"),
+            ("round_epochs", self.round_epochs is None or self.round_epochs >= 0, "use 0 or more epochs, or None"),
+        ]
+        for key, ok, fix in checks:
+            if not ok:
+                raise _bad(key, getattr(self, key), fix)
+
+    def layer_ratio(self, rounds: int) -> float:
+        """The per-layer cap: the setting, else 0.95 in one pass and 0.5 per round."""
+        if self.max_layer_ratio is not None:
+            return self.max_layer_ratio
+        return DEFAULT_LAYER_RATIO if rounds == 1 else ROUND_LAYER_RATIO
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["exclude"] = list(self.exclude)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> "PruneSettings":
+        """The settings a plan recorded; keys this raykfe does not know are ignored (a newer plan)."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: (tuple(v) if k == "exclude" else v) for k, v in d.items() if k in known})
+
+    @classmethod
+    def from_job(cls, cfg) -> "PruneSettings":
+        """The settings of a job (:class:`raykfe.config.JobConfig`)."""
+        p, s = cfg.prune, cfg.stats
+        return cls(
+            fisher=s.fisher, conv_mode=s.conv_mode, max_layer_ratio=p.max_layer_ratio,
+            include_classifier=p.include_classifier, exclude=tuple(p.exclude), tolerance=p.tolerance,
+            freeze_rotations=p.freeze_rotations, seed=cfg.seed, max_batches=s.max_batches,
+            max_factor_dim=s.max_factor_dim, damping=p.damping, rounds=p.rounds, round_epochs=p.round_epochs,
+            progress=cfg.progress,
+        )

@@ -1,0 +1,104 @@
+"""The one prune engine: the API and a job reach the same plan through it; the package prunes with
+ray blocked from import; results written before the engine change still load."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import raykfe
+from raykfe.config import load_config
+from raykfe.data import job_splits, make_loader
+from raykfe.models import build_model
+from raykfe.pipeline import run_job
+
+REPO = Path(__file__).resolve().parents[1]
+FIXTURES = REPO / "tests" / "fixtures" / "results_v1"
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_package_prunes_saves_and_loads_with_ray_blocked(tmp_path):
+    """The API, engine, methods, surgery and checkpoint never import ray: a user without a cluster
+    (or a worker of another framework) can prune and load results."""
+    script = textwrap.dedent(f"""
+        import sys
+        class Block:
+            def find_spec(self, name, path=None, target=None):
+                if name == "ray" or name.startswith("ray."):
+                    raise ImportError("ray is blocked in this test")
+        sys.meta_path.insert(0, Block())
+        import torch, raykfe, raykfe.engine, raykfe.methods, raykfe.surgery, raykfe.checkpoint, raykfe.pipeline
+        from raykfe.models import build_model
+        torch.manual_seed(0)
+        model = build_model("vgg_tiny", 10).eval()
+        g = torch.Generator().manual_seed(0)
+        batches = [(torch.randn(8, 3, 16, 16, generator=g), torch.randint(0, 10, (8,), generator=g)) for _ in range(2)]
+        for method in ("eigendamage", "l1", "kron-obs"):
+            res = raykfe.prune(model, batches, method=method, target="flops:0.5")
+            out = raykfe.save(res, r"{tmp_path}/" + method)
+            back = raykfe.load(out)
+            x = batches[0][0]
+            assert torch.allclose(back.model(x), res.model.eval()(x), atol=1e-5)
+        assert not any(m == "ray" or m.startswith("ray.") for m in sys.modules)
+        print("ok")
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize("name", ["eigendamage", "l1", "eigendamage-iterative"])
+def test_results_written_before_the_engine_change_still_load(name):
+    """Results written by raykfe before the one-engine change (plan format 1: KFE, channel and
+    iterative plans): loaded, they compute exactly what they computed then."""
+    want = load_file(str(FIXTURES / name / "expected.safetensors"))
+    res = raykfe.load(str(FIXTURES / name))
+    with torch.no_grad():
+        got = res.model.eval()(want["x"])
+    torch.testing.assert_close(got, want["y"], rtol=1e-5, atol=1e-6)
+    c = raykfe.count(res.model, want["x"][:1])
+    assert (c.params, c.macs) == (int(want["params"]), int(want["macs"]))
+    assert (res.plan.params, res.plan.macs) == (c.params, c.macs)
+    assert res.plan.method == name and res.plan.summary.achieved >= 0.5
+    if name == "eigendamage-iterative":
+        assert [s["round"] for s in res.plan.steps] == [1, 2]
+
+
+@pytest.mark.parametrize("method", ["eigendamage", "kron-obs"])
+def test_api_and_job_reach_the_same_plan(tmp_path, method):
+    """The job (stage store, backend, global example indices) and raykfe.prune (the caller's
+    batches) run the same engine: on the same data, seed and settings they make the same plan."""
+    cfg = load_config("jobs/digits.yaml", [
+        "model.name=vgg_tiny", "data.image_size=8", "base.epochs=1", "finetune.epochs=0", "stats.max_batches=2",
+        "stats.batch_size=32", "progress=false", "runtime=local", "latency.repeats=0", f"prune.method={method}",
+        "prune.target=flops:0.5", f"output.uri={tmp_path / 'job'}",
+    ])
+    job = run_job(cfg, log=lambda m: None)
+    splits = job_splits(cfg.data, cfg.seed)
+    model = build_model("vgg_tiny", splits.num_classes)
+    model.load_state_dict(load_file(str(tmp_path / "job" / "base.safetensors")))
+    batches = list(make_loader(splits.train, 32, shuffle=False))[:2]
+    res = raykfe.prune(model, batches, method=method, target="flops:0.5", max_layer_ratio=0.95,
+                       example_input=splits.test[0][0][None])
+    a, b = job.result.plan, res.plan
+    assert (a.params, a.macs, a.removed) == (b.params, b.macs, b.removed)
+    assert {n: (lp.keep_in, lp.keep_out) for n, lp in a.layers.items()} == {n: (lp.keep_in, lp.keep_out) for n, lp in b.layers.items()}
+
+
+def test_api_refuses_unknown_options_and_jobs_only_methods():
+    model = build_model("vgg_tiny", 10)
+    batches = [(torch.randn(4, 3, 8, 8), torch.randint(0, 10, (4,)))]
+    with pytest.raises(raykfe.ConfigError, match="unknown option.*'damp'"):
+        raykfe.prune(model, batches, damp=0.1)
+    with pytest.raises(raykfe.ConfigError, match="max_layer_ratio=1.5 is invalid"):
+        raykfe.prune(model, batches, max_layer_ratio=1.5)
+    with pytest.raises(raykfe.ConfigError, match="slimming.*run it as a job"):
+        raykfe.prune(model, batches, method="slimming")
+    with pytest.raises(raykfe.ConfigError, match="eigen-directions"):
+        raykfe.prune(model, batches, method="l1", target="directions:0.3")
