@@ -131,4 +131,5 @@ from . import obs as _obs  # noqa: E402,F401
 from . import sosp as _sosp  # noqa: E402,F401
 from . import magnitude as _magnitude  # noqa: E402,F401
 from .eigendamage import entry_scores, kfe_weight, unit_scores  # noqa: E402,F401
+from .. import recalibrate as _recalibrate  # noqa: E402,F401  (registers the "bn" statistic)
 
