@@ -81,6 +81,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError, NumericalError
+from ..layers import conv_pad
 
 __all__ = [
     "DiagFisher",
@@ -168,19 +169,9 @@ class DiagFisher:
 
 
 def _conv_pad(module: nn.Conv2d) -> tuple[tuple[int, int, int, int], str]:
-    """``F.pad`` amounts (w_left, w_right, h_top, h_bottom) and mode that the conv applies."""
-    p = module.padding
-    if isinstance(p, str):
-        if p == "valid":
-            pad = (0, 0, 0, 0)
-        else:  # 'same': total d*(k-1), the odd extra on the right/bottom (as PyTorch does)
-            tot = [d * (k - 1) for d, k in zip(module.dilation, module.kernel_size)]
-            pad = (tot[1] // 2, tot[1] - tot[1] // 2, tot[0] // 2, tot[0] - tot[0] // 2)
-    else:
-        ph, pw = (p, p) if isinstance(p, int) else p
-        pad = (pw, pw, ph, ph)
+    """``F.pad`` amounts (w_left, w_right, h_top, h_bottom) (:func:`raykfe.layers.conv_pad`) and mode."""
     mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
-    return pad, mode
+    return conv_pad(module), mode
 
 
 def _example_elems(module: nn.Module, x: torch.Tensor, g: torch.Tensor) -> int:
