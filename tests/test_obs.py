@@ -200,6 +200,32 @@ def test_diag_fisher_every_padding_form(k, stride, padding, dilation, mode):
     assert_diag_equal(got, want, 4)
 
 
+def test_diag_fisher_hand_made_shards_need_global_indices():
+    """Shards without idx: with first_index they merge to the single pass; overlapping ones are refused."""
+    model = toy(4)
+    x, y = data(12, seed=6)
+    batches = [(x[:3], y[:3]), (x[3:7], y[3:7]), (x[7:], y[7:])]
+    single = collect_diag_fisher(model, batches, layers=LAYERS, seed=9)
+    assert single.index_ranges == [[0, 12]]
+    s1 = collect_diag_fisher(model, batches[:2], layers=LAYERS, seed=9)
+    s2 = collect_diag_fisher(model, batches[2:], layers=LAYERS, seed=9, first_index=7)
+    assert (s1.index_ranges, s2.index_ranges) == ([[0, 7]], [[7, 12]])
+    merged = s2.merge(s1)
+    assert merged.index_ranges == [[0, 12]]
+    assert_diag_equal(merged, {n: single.sums[n] for n in LAYERS}, 12)
+    # the second shard collected from index 0 reuses the labels of examples 0..4: refused
+    again = collect_diag_fisher(model, batches[2:], layers=LAYERS, seed=9)
+    bad = s1.sums["fc"]["weight"] + again.sums["fc"]["weight"]
+    assert (bad - single.sums["fc"]["weight"]).abs().max() > 1e-3 * single.sums["fc"]["weight"].abs().max()
+    with pytest.raises(ConfigError, match=r"\[0, 5\).*first_index="):
+        s1.merge(again)
+    with pytest.raises(ConfigError, match="first_index"):
+        collect_diag_fisher(model, batches, layers=LAYERS, first_index=-3)
+    # explicit global indices and the empirical Fisher carry no range (nothing to check)
+    assert collect_diag_fisher(model, [(x, y, torch.arange(12))], layers=["fc"], seed=9).index_ranges is None
+    assert collect_diag_fisher(model, batches, layers=["fc"], fisher="empirical").index_ranges is None
+
+
 def test_diag_fisher_errors():
     model = toy()
     x, y = data(2)
