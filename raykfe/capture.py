@@ -8,9 +8,12 @@ One statistics pass over ``batches`` (an iterable of ``(x, y)`` with ``x [N, ...
    torchvision's ``ReLU(inplace=True)``, which break full backward module hooks);
 3. labels are sampled from the model's predictive distribution (``fisher="true"``) or taken from
    the data (``fisher="empirical"``). The sample for example ``i`` (its index in the dataset: the
-   third element of a batch when present, else its position in the stream) uses the uniform
-   ``splitmix64(seed, i)``, so the labels -- and the statistics -- do not depend on how the data is
-   batched or sharded across workers, nor on a worker being restarted;
+   third element of a batch when present, else ``first_index`` + its position in the stream) uses
+   the uniform ``splitmix64(seed, i)``, so the labels -- and the statistics -- do not depend on how
+   the data is batched or sharded across workers, nor on a worker being restarted. Shards must
+   therefore carry global indices: with implicit ones, true-Fisher statistics record the range
+   they cover in ``meta["index_ranges"]`` and :func:`raykfe.merge_stats` refuses overlapping shards
+   (two shards both starting at index 0 would reuse the same label draws);
 4. the loss is the SUM over the batch of ``-log p(y|x)``, so the gradient reaching each layer output
    is already the per-example ``Ds`` (no batch-size rescaling); the tensor hook adds ``s_sum``.
 
@@ -31,7 +34,7 @@ from torch import nn
 
 from .counting import eval_forward_with_hooks
 from .errors import ConfigError, NumericalError
-from .factors import LayerStats
+from .factors import INDEX_RANGES, LayerStats
 from .layers import Adapter, make_adapter, positions, unsupported_reason
 
 __all__ = ["collect_factors", "find_layers", "trace_layers", "prunable_layers", "layer_metas", "LayerGeometry", "FISHER_TYPES"]
@@ -160,16 +163,21 @@ def collect_factors(
     max_factor_dim: int | None = MAX_FACTOR_DIM,
     device: str | torch.device | None = None,
     progress: bool = False,
+    first_index: int = 0,
 ) -> dict[str, LayerStats]:
     """K-FAC statistics of every prunable layer of ``model`` over ``batches``.
 
     Returns ``{module name: LayerStats}`` (``.A`` and ``.S`` are the mean factors, float64).
     ``layers`` restricts the pass to some layer names; otherwise layers whose factors would be
     larger than ``max_factor_dim`` are skipped. The model's parameters, mode and grads are
-    left as they were.
+    left as they were. ``batches`` yields ``(x, y)`` or ``(x, y, idx)`` (idx: global example
+    indices, which pick each example's label draw); without idx the index of an example is
+    ``first_index`` + its position in the stream: a shard of a larger data set collected by hand
+    passes its offset there (see the module docstring).
     """
     if fisher not in FISHER_TYPES:
         raise ConfigError(f"fisher={fisher!r} is not known: use 'true' (sampled labels) or 'empirical'")
+    first_index = _check_first_index(first_index)
     adapters, _ = find_layers(model, conv_mode, None if layers is not None else max_factor_dim)
     if layers is not None:
         wanted = list(layers)
@@ -181,7 +189,8 @@ def collect_factors(
         raise ConfigError("the model has no prunable layer (Linear or Conv2d with groups=1): nothing to collect")
     if device is None:
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    position = 0
+    position = first_index
+    implicit = False  # some batch had no idx: its examples were indexed by position
 
     stats: dict[str, LayerStats] = {}
     geometry: dict[str, LayerGeometry] = {}
@@ -241,6 +250,7 @@ def collect_factors(
             x, y = batch[0], batch[1]
             n = x.shape[0]
             idx = batch[2] if len(batch) > 2 else torch.arange(position, position + n)
+            implicit = implicit or len(batch) <= 2
             position += n
             x = x.to(device)
             if x.is_floating_point():
@@ -278,6 +288,9 @@ def collect_factors(
                     "after the K-FAC statistics pass: the loss or its gradients overflowed (check model.weights "
                     "and the input data for huge values)"
                 )
+    if implicit and fisher == "true":  # the labels were drawn by position: say which positions
+        for st in stats.values():
+            st.meta[INDEX_RANGES] = [[first_index, position]]
     # layers the forward pass never reached have no statistics and are not returned
     return {n: stats[n] for n in adapters if n in stats}
 
@@ -321,3 +334,11 @@ def layer_metas(model: nn.Module, example_input: torch.Tensor, adapters: dict[st
     """The geometry of every layer of ``adapters`` (as :func:`collect_factors` records it)."""
     geo = trace_layers(model, example_input, list(adapters))
     return {n: _layer_meta(a, geo[n]) for n, a in adapters.items()}
+
+
+def _check_first_index(first_index) -> int:
+    if isinstance(first_index, bool) or not isinstance(first_index, (int, np.integer)) or first_index < 0:
+        raise ConfigError(
+            f"first_index={first_index!r} must be an integer >= 0: the global index of the shard's first example"
+        )
+    return int(first_index)

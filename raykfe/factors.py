@@ -10,6 +10,12 @@ For one prunable layer (layout in :mod:`raykfe.layers`):
 The mean factors are ``A = A_sum / count`` and ``S = S_sum / count``, and ``F_layer ~= S (x) A``.
 Merging adds sums and counts (never averages of per-shard means), so
 ``merge(stats(shard_1), ..., stats(shard_k)) == stats(concatenated shards)`` up to float rounding.
+
+That holds for the true Fisher only when every example keeps its own label draw, i.e. its global
+index (:mod:`raykfe.capture`). Statistics collected with implicit indices (batches without a third
+element: ``first_index`` + the position in the stream) record them in ``meta["index_ranges"]``
+(sorted, disjoint ``[start, stop)`` pairs), and merging refuses shards whose ranges overlap: they
+would reuse the same label draws. Statistics from ``(x, y, idx)`` batches have no such entry.
 """
 
 from __future__ import annotations
@@ -19,12 +25,38 @@ from typing import Iterable, Mapping
 
 import torch
 
-__all__ = ["LayerStats", "merge_stats", "stats_to_tensors", "stats_from_tensors"]
+from .errors import ConfigError
+
+__all__ = ["LayerStats", "merge_stats", "stats_to_tensors", "stats_from_tensors", "merge_index_ranges"]
+
+#: the ``meta`` key of the implicit example indices a shard covers (see the module docstring)
+INDEX_RANGES = "index_ranges"
+
+
+def merge_index_ranges(a: list | None, b: list | None) -> list | None:
+    """The union of two shards' implicit ``[start, stop)`` index ranges; a one-line ConfigError when
+    they overlap (the shards drew the same labels). ``None`` (explicit indices) merges with anything."""
+    if not a or not b:
+        return [list(r) for r in (a or b)] if (a or b) else None
+    out: list[list[int]] = []
+    for start, stop in sorted([list(map(int, r)) for r in [*a, *b]]):
+        if out and start < out[-1][1]:
+            raise ConfigError(
+                f"cannot merge statistics shards that both cover the implicit example indices "
+                f"[{start}, {min(stop, out[-1][1])}): they reuse the same sampled labels; pass (x, y, idx) "
+                "batches with global example indices, or collect each shard with first_index= its offset"
+            )
+        if out and start == out[-1][1]:
+            out[-1][1] = stop
+        else:
+            out.append([start, stop])
+    return out
 
 
 @dataclass
 class LayerStats:
-    """The K-FAC statistics of one layer. ``meta`` holds the layer's geometry (JSON-able)."""
+    """The K-FAC statistics of one layer. ``meta`` holds the layer's geometry (JSON-able) and, for
+    implicit example indices, the ``"index_ranges"`` covered (module docstring)."""
 
     A_sum: torch.Tensor
     S_sum: torch.Tensor
@@ -54,9 +86,12 @@ class LayerStats:
                 f"cannot merge statistics of shapes A{tuple(self.A_sum.shape)}/S{tuple(self.S_sum.shape)}"
                 f" and A{tuple(other.A_sum.shape)}/S{tuple(other.S_sum.shape)}: different layers or conv_mode"
             )
-        return LayerStats(
-            self.A_sum + other.A_sum, self.S_sum + other.S_sum, self.count + other.count, dict(self.meta)
-        )
+        meta = dict(self.meta)
+        ranges = merge_index_ranges(self.meta.get(INDEX_RANGES), other.meta.get(INDEX_RANGES))
+        meta.pop(INDEX_RANGES, None)
+        if ranges is not None:
+            meta[INDEX_RANGES] = ranges
+        return LayerStats(self.A_sum + other.A_sum, self.S_sum + other.S_sum, self.count + other.count, meta)
 
     @classmethod
     def zeros(cls, d_in: int, d_out: int, meta: dict | None = None, device=None) -> "LayerStats":
@@ -69,7 +104,8 @@ class LayerStats:
 
 
 def merge_stats(shards: Iterable[Mapping[str, LayerStats]]) -> dict[str, LayerStats]:
-    """Merge per-shard statistics (same layers in every shard) into one mapping."""
+    """Merge per-shard statistics (same layers in every shard) into one mapping; shards with
+    overlapping implicit example indices are refused (:func:`merge_index_ranges`)."""
     out: dict[str, LayerStats] = {}
     for shard in shards:
         for name, st in shard.items():

@@ -15,9 +15,15 @@ Layout conventions, fixed here for the whole package (see ALGORITHMS.md sections
     input pixel ``[in_c (+1)]``. The bias is the weight of a constant-1 input channel that is
     zero-padded like the real channels (exactly what unfolding ``[x; 1]`` gives), placed at the
     centre tap. That is exact only when the centre tap reads a real pixel at every output position,
-    i.e. ``padding <= dilation * min(c, k-1-c)`` with ``c = (k-1)//2`` in both dims (true for every
-    "same" or "valid" conv). When it is not, the bias is not folded in: it stays a plain, unpruned
-    bias on the rebuilt layer's output and A has no constant channel (``fold_bias`` is False).
+    i.e. ``pad_before <= dilation * c`` and ``pad_after <= dilation * (k-1-c)`` with
+    ``c = (k-1)//2`` in both dims (true for every "valid" conv, every odd-kernel "same" conv and
+    every even-kernel "same" conv with dilation 1; false e.g. for an even kernel with dilation 3).
+    When it is not, the bias is not folded in: it stays a plain, unpruned bias on the rebuilt
+    layer's output and A has no constant channel (``fold_bias`` is False).
+* Padding: :func:`conv_pad` gives the zero padding a conv applies as ``F.pad`` amounts
+  ``(left, right, top, bottom)``. PyTorch's ``padding="same"`` pads ``d*(k-1)`` per dim, ``//2``
+  before and the rest after, so an even kernel (odd dilation) gets one more pixel on the
+  right/bottom; every patch, pixel count and T here is computed on the explicitly padded input.
 
 Layers that are not handled (grouped or depthwise convs, transposed convs, non-zero padding modes,
 anything else) are left dense by the KFE method; :func:`unsupported_reason` says why.
@@ -32,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["Adapter", "LinearAdapter", "Conv2dAdapter", "make_adapter", "unsupported_reason"]
+__all__ = ["Adapter", "LinearAdapter", "Conv2dAdapter", "make_adapter", "unsupported_reason", "conv_pad"]
 
 CONV_MODES = ("patch", "full")
 
@@ -42,6 +48,23 @@ UNFOLD_CHUNK_BYTES = 64 << 20
 
 def _pair(v) -> tuple[int, int]:
     return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
+def conv_pad(module: nn.Conv2d) -> tuple[int, int, int, int]:
+    """The padding ``module`` applies to its input, as ``F.pad`` amounts ``(left, right, top, bottom)``.
+
+    int or tuple ``(p_h, p_w)``: ``(p_w, p_w, p_h, p_h)``; ``'valid'``: zeros; ``'same'``: a total of
+    ``d*(k-1)`` per dim, ``total // 2`` before and the rest after (PyTorch's rule: an even kernel
+    with odd dilation pads one more pixel on the right / bottom). The padding mode is not included.
+    """
+    p = module.padding
+    if p == "valid":
+        return (0, 0, 0, 0)
+    if p == "same":
+        (th, tw) = (d * (k - 1) for d, k in zip(_pair(module.dilation), _pair(module.kernel_size)))
+        return (tw // 2, tw - tw // 2, th // 2, th - th // 2)
+    ph, pw = _pair(p)
+    return (pw, pw, ph, ph)
 
 
 def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:
@@ -157,15 +180,10 @@ class Conv2dAdapter(Adapter):
         self.dilation = _pair(m.dilation)
         self._count_cache: dict[tuple[int, int], tuple[torch.Tensor, int]] = {}
 
-    def padding_for(self, hw: tuple[int, int]) -> tuple[int, int]:
-        """Explicit padding (``'same'``/``'valid'`` resolved; 'same' needs symmetric padding)."""
-        p = self.module.padding
-        if p == "valid":
-            return (0, 0)
-        if p == "same":
-            tot = [d * (k - 1) for d, k in zip(self.dilation, self.kernel)]
-            return (tot[0] // 2, tot[1] // 2)
-        return _pair(p)
+    def padding_for(self, hw: tuple[int, int]) -> tuple[int, int, int, int]:
+        """The zero padding as ``F.pad`` amounts ``(left, right, top, bottom)`` (:func:`conv_pad`;
+        the same for every input size ``hw``)."""
+        return conv_pad(self.module)
 
     @property
     def centre_tap(self) -> tuple[int, int]:
@@ -177,14 +195,11 @@ class Conv2dAdapter(Adapter):
             return False
         if self.mode == "full":
             return True
-        p = self.module.padding
-        if p == "same" and any((d * (k - 1)) % 2 for d, k in zip(self.dilation, self.kernel)):
-            return False  # asymmetric 'same' padding: keep the bias out of the KFE
-        pad = self.padding_for((0, 0))
-        c = self.centre_tap
-        return all(
-            pad[i] <= self.dilation[i] * min(c[i], self.kernel[i] - 1 - c[i]) for i in range(2)
-        )
+        left, right, top, bottom = self.padding_for((0, 0))
+        (ch, cw), (dh, dw), (kh, kw) = self.centre_tap, self.dilation, self.kernel
+        # the centre tap of output position o reads input o*s - before + d*c: a real pixel at the first
+        # position iff before <= d*c, at the last one (for any input size) iff after <= d*(k-1-c)
+        return top <= dh * ch and bottom <= dh * (kh - 1 - ch) and left <= dw * cw and right <= dw * (kw - 1 - cw)
 
     @property
     def k2(self) -> int:
@@ -200,10 +215,10 @@ class Conv2dAdapter(Adapter):
         return (c if self.mode == "patch" else c * self.k2) + int(self.fold_bias)
 
     def out_hw(self, hw: tuple[int, int]) -> tuple[int, int]:
-        pad = self.padding_for(hw)
+        left, right, top, bottom = self.padding_for(hw)
+        padded = (hw[0] + top + bottom, hw[1] + left + right)
         return tuple(
-            (hw[i] + 2 * pad[i] - self.dilation[i] * (self.kernel[i] - 1) - 1) // self.stride[i] + 1
-            for i in range(2)
+            (padded[i] - self.dilation[i] * (self.kernel[i] - 1) - 1) // self.stride[i] + 1 for i in range(2)
         )
 
     def _pixel_counts(self, hw: tuple[int, int], device) -> tuple[torch.Tensor, int]:
@@ -211,17 +226,21 @@ class Conv2dAdapter(Adapter):
         key = (hw, str(device))
         if key not in self._count_cache:
             ones = torch.ones(1, 1, *hw, dtype=torch.float64, device=device)
-            pad = self.padding_for(hw)
-            cols = F.unfold(ones, self.kernel, dilation=self.dilation, padding=pad, stride=self.stride)
+            left, right, top, bottom = pad = self.padding_for(hw)
+            padded = F.pad(ones, pad)  # [1, 1, H + top + bottom, W + left + right]
+            cols = F.unfold(padded, self.kernel, dilation=self.dilation, stride=self.stride)
             t = cols.shape[-1]
-            counts = F.fold(cols, hw, self.kernel, dilation=self.dilation, padding=pad, stride=self.stride)
+            counts = F.fold(cols, padded.shape[-2:], self.kernel, dilation=self.dilation, stride=self.stride)
+            counts = counts[..., top:top + hw[0], left:left + hw[1]]  # the padded pixels read zeros: drop them
             self._count_cache[key] = (counts.reshape(-1), t)
         return self._count_cache[key]
 
     def unfold(self, x: torch.Tensor) -> torch.Tensor:
-        """Patches ``[N, in_c*kh*kw, T]`` (dilation, stride and padding honoured)."""
+        """Patches ``[N, in_c*kh*kw, T]`` (dilation, stride and the possibly asymmetric padding honoured)."""
         pad = self.padding_for(tuple(x.shape[-2:]))
-        return F.unfold(x, self.kernel, dilation=self.dilation, padding=pad, stride=self.stride)
+        if any(pad):
+            x = F.pad(x, pad)
+        return F.unfold(x, self.kernel, dilation=self.dilation, stride=self.stride)
 
     def a_sum(self, x: torch.Tensor) -> torch.Tensor:
         x = _at_least_fp32(x.detach())

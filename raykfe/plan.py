@@ -10,10 +10,11 @@ Targets are strings, the same in the API, the CLI and YAML:
 Selection is global. Every output direction (row) and input direction (column) of every pruned
 layer is a unit with a score in loss units. Per layer and axis only the ``cap`` lowest-scored units
 are eligible (``cap = min(floor(max_layer_ratio * n), n - 1)``, so one direction always survives);
-the eligible units of all layers are sorted by score and the k lowest are removed. For params/flops
-k is chosen by bisection with EXACT counts of the rebuilt model (:func:`kfe_cost`, equal to what
-:func:`raykfe.counting.count` measures on it), so the achieved reduction is the smallest one at or
-above the target. A layer whose three-layer form would be larger (in the target's metric: MACs for
+the eligible units of all layers are sorted by score and the k lowest are removed. k is the
+smallest count whose reduction meets the target, found by bisection with EXACT counts of the
+rebuilt model for params/flops (:func:`kfe_cost`, equal to what :func:`raykfe.counting.count`
+measures on it), so the achieved reduction is the smallest one at or above the target: a target is
+never undershot, and the tolerance only flags how far above it the granularity forced the plan. A layer whose three-layer form would be larger (in the target's metric: MACs for
 ``flops``, parameters otherwise) than its dense form stays dense with nothing removed.
 """
 
@@ -316,7 +317,11 @@ def select(
 
     ``scores[name] = (row_scores [d_out], col_scores [d_in])``; ``metas[name]`` is the layer's
     geometry. ``base_params``/``base_macs`` count the WHOLE model (all layers, pruned or not).
-    Returns the layer plans and a summary ``{k, units, achieved, ...}``.
+    The k lowest-scored eligible units go, with k the smallest count whose reduction is at or
+    above the target (never below it). ``tolerance`` only sets the summary's ``within_tolerance``
+    flag (``achieved - target <= tolerance``: the granularity overshot by at most that much).
+    Returns the layer plans and a summary ``{target, achieved, within_tolerance, units_removed,
+    units_total, params, macs}``.
     """
     tgt = parse_target(target)
     if not (0.0 < max_layer_ratio <= 1.0):
@@ -384,11 +389,7 @@ def select(
             " and the layers that can be pruned; lower the target, raise prune.max_layer_ratio"
             " or set prune.include_classifier=true"
         )
-    k = smallest_meeting(reduction, n_eligible, tgt.fraction)
-    if k > 0 and abs(reduction(k - 1) - tgt.fraction) < abs(reduction(k) - tgt.fraction) and (
-        abs(reduction(k - 1) - tgt.fraction) <= tolerance
-    ):
-        k -= 1
+    k = smallest_meeting(reduction, n_eligible, tgt.fraction)  # a target is met, never undershot
     achieved = reduction(k)
 
     removed = {n: ([], []) for n in names}
@@ -425,7 +426,7 @@ def select(
     summary = {
         "target": str(tgt),
         "achieved": float(achieved),
-        "within_tolerance": bool(abs(achieved - tgt.fraction) <= tolerance),
+        "within_tolerance": bool(achieved - tgt.fraction <= tolerance),
         "units_removed": int(gone),
         "units_total": int(total_units),
         "params": int(tot[0]),

@@ -28,6 +28,8 @@ from raykfe.channels import ChannelGraph, apply_channels, channel_layer_fraction
 from raykfe.plan import ChannelLayer, Plan, Summary
 from raykfe.counting import count
 from raykfe.errors import ConfigError
+from raykfe.plan import Target
+from selection_oracle import all_subsets, check_prefix_rule, mask_of
 
 DT = torch.float64
 
@@ -217,6 +219,46 @@ def test_toy_groups_and_costs_by_hand():
     assert summary["achieved"] >= 0.3 and summary["params"] == graph.cost({k: len(v) for k, v in removed.items()})[0]
     # the lowest scores go first: conv_a from channel 0 up, conv_b from channel 7 down
     assert removed.get("conv_a", [])[:1] in ([], [0]) and removed.get("conv_b", [7])[-1] == 7
+
+
+def test_toy_select_equals_exhaustive_search():
+    """ChannelGraph.select on Toy (groups of 6 and 8 channels) for random scores, params and flops
+    targets and four caps, against an exhaustive enumeration of the eligible channels with the
+    hand-computed toy_cost (property stated in tests/selection_oracle.py): the k lowest-scored
+    eligible channels go, k the smallest count meeting the target, achieved >= target."""
+    torch.manual_seed(0)
+    model = randomise(Toy().to(DT).eval(), size=4)
+    graph = ChannelGraph(model, torch.randn(1, 3, 4, 4, dtype=DT))
+    base = toy_cost(0, 0)
+    checked = 0
+    for seed in range(6):
+        rng = np.random.default_rng(seed)
+        scores = {"conv_a": rng.random(6), "conv_b": rng.random(8)}
+        for ratio in (0.3, 0.5, 0.75, 1.0):
+            units = [(g, int(i)) for g, s in scores.items() for i in np.argsort(s)[: max(0, min(int(ratio * s.size), s.size - 1))]]
+            unit_scores = np.array([scores[g][i] for g, i in units])
+            subsets = all_subsets(len(units))
+            ra = subsets[:, [g == "conv_a" for g, _ in units]].sum(axis=1)
+            rb = subsets[:, [g == "conv_b" for g, _ in units]].sum(axis=1)
+            costs = np.array([toy_cost(int(a), int(b)) for a, b in zip(ra, rb)], dtype=np.float64)
+            order = np.argsort(unit_scores)
+            for kind, metric in (("params", 0), ("flops", 1)):
+                red = 1.0 - costs[:, metric] / base[metric]
+                prefix_reds = [float(red[mask_of(order[:j])]) for j in range(len(units) + 1)]
+                targets = [float(red[-1] * u) for u in rng.uniform(0.05, 1.0, 3)] + prefix_reds[-1:] + prefix_reds[1:2]
+                for fraction in targets:
+                    what = f"seed {seed} ratio {ratio} {kind}:{fraction!r}"
+                    removed, summary = graph.select(scores, Target(kind, fraction), max_layer_ratio=ratio)
+                    cost = toy_cost(len(removed.get("conv_a", [])), len(removed.get("conv_b", [])))
+                    achieved = 1.0 - cost[metric] / base[metric]
+                    assert (summary["params"], summary["macs"]) == cost and summary["achieved"] == achieved, what
+                    assert achieved >= fraction, f"{what}: achieved {achieved:.6f} is below the target"
+                    assert summary["within_tolerance"] == (achieved - fraction <= 0.02), what
+                    chosen = mask_of(u for u, (g, i) in enumerate(units) if i in removed.get(g, []))
+                    assert bin(chosen).count("1") == sum(len(v) for v in removed.values()), f"{what}: removes an ineligible channel"
+                    check_prefix_rule(unit_scores, red, chosen, fraction, what)
+                    checked += 1
+    assert checked == 6 * 4 * 2 * 5
 
 
 # --------------------------------------------------------------------------------------------

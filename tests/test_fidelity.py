@@ -236,22 +236,42 @@ def conv_model(k, stride, padding, dilation, bias, seed=0):
     return nn.Sequential(conv, nn.Tanh(), nn.Flatten(), head).to(DT).eval(), (ho, wo)
 
 
+def _two(v) -> tuple[int, int]:
+    return (v, v) if isinstance(v, int) else tuple(v)
+
+
+def pad_before(padding, k, dilation) -> tuple[int, int]:
+    """(top, left) padding as PyTorch applies it, written out here independently of raykfe:
+    int / tuple p pads p on both sides, 'valid' nothing, 'same' a total of d*(k-1) per dim with
+    floor(total/2) before (the extra pixel of an odd total goes after). The W~ x patches == conv2d
+    assertion below checks this against PyTorch's own convolution."""
+    if padding == "valid":
+        return (0, 0)
+    if padding == "same":
+        return tuple((d * (kk - 1)) // 2 for d, kk in zip(_two(dilation), _two(k)))
+    return _two(padding)
+
+
 def brute_patches(x, k, stride, padding, dilation, out_hw):
-    """P [N, T, C, k*k] (the pixel read by offset kappa at output position t) and validity [T, k*k]."""
+    """P [N, T, C, kh*kw] (the pixel read by offset kappa at output position t) and validity [T, kh*kw].
+
+    ``k``/``dilation`` int or (h, w) pairs, ``padding`` int, pair, 'valid' or 'same'."""
     n, c, h, w = x.shape
     ho, wo = out_hw
-    P = torch.zeros(n, ho * wo, c, k * k, dtype=x.dtype)
-    V = torch.zeros(ho * wo, k * k, dtype=x.dtype)
+    (kh, kw), (dh, dw) = _two(k), _two(dilation)
+    top, left = pad_before(padding, k, dilation)
+    P = torch.zeros(n, ho * wo, c, kh * kw, dtype=x.dtype)
+    V = torch.zeros(ho * wo, kh * kw, dtype=x.dtype)
     for oh in range(ho):
         for ow in range(wo):
             t = oh * wo + ow
-            for i in range(k):
-                for j in range(k):
-                    r = oh * stride - padding + i * dilation
-                    q = ow * stride - padding + j * dilation
+            for i in range(kh):
+                for j in range(kw):
+                    r = oh * stride - top + i * dh
+                    q = ow * stride - left + j * dw
                     if 0 <= r < h and 0 <= q < w:
-                        P[:, t, :, i * k + j] = x[:, :, r, q]
-                        V[t, i * k + j] = 1.0
+                        P[:, t, :, i * kw + j] = x[:, :, r, q]
+                        V[t, i * kw + j] = 1.0
     return P, V
 
 
@@ -263,9 +283,27 @@ CONV_CASES = [
     for d in (1, 2)
     for b in (True, False)
 ]
+# every other padding form PyTorch accepts (k, stride, padding, dilation): 'same' (stride 1 only)
+# with odd and even kernels, odd and even totals d*(k-1) (an odd total pads one more pixel after),
+# 'valid', per-dim tuples, even kernels with integer padding, non-square kernels and dilations
+PADDING_CASES = [
+    (3, 1, "same", 1), (3, 1, "same", 2), (5, 1, "same", 1),
+    (2, 1, "same", 1), (2, 1, "same", 2), (2, 1, "same", 3), (4, 1, "same", 1), (4, 1, "same", 2),
+    ((2, 3), 1, "same", (1, 2)), ((4, 1), 1, "same", (3, 1)), ((3, 2), 1, "same", 1),
+    (3, 1, "valid", 1), (2, 2, "valid", 1), (2, 1, "valid", 2), ((2, 3), 2, "valid", (2, 1)),
+    (3, 1, (1, 2), 1), (3, 2, (0, 1), (2, 1)), ((2, 3), 2, (1, 0), 1), (2, 1, (1, 1), 1),
+    (2, 2, 1, 1), (4, 1, 2, 2), (4, 2, 1, 1),
+]
+CONV_CASES += [(k, s, p, d, b) for k, s, p, d in PADDING_CASES for b in (True, False)]
 
 
-@pytest.mark.parametrize("k,stride,padding,dilation,bias", CONV_CASES)
+def _case_id(case) -> str:
+    k, s, p, d, b = case
+    txt = lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else str(v)  # noqa: E731
+    return f"k{txt(k)}-s{s}-p{txt(p)}-d{txt(d)}-{'bias' if b else 'nobias'}"
+
+
+@pytest.mark.parametrize("k,stride,padding,dilation,bias", CONV_CASES, ids=[_case_id(c) for c in CONV_CASES])
 def test_conv_patches_and_factors(k, stride, padding, dilation, bias) -> None:
     model, (ho, wo) = conv_model(k, stride, padding, dilation, bias)
     conv = model[0]
@@ -276,7 +314,9 @@ def test_conv_patches_and_factors(k, stride, padding, dilation, bias) -> None:
     y = torch.randint(0, 3, (N,), generator=g)
     P, V = brute_patches(x, k, stride, padding, dilation, (ho, wo))
     out = conv(x).reshape(N, C_OUT, T)
-    centre = ((k - 1) // 2) * k + (k - 1) // 2
+    kh, kw = _two(k)
+    kk = kh * kw
+    centre = ((kh - 1) // 2) * kw + (kw - 1) // 2
 
     # per-example Ds by autograd, one example at a time
     Ds = []
@@ -288,11 +328,12 @@ def test_conv_patches_and_factors(k, stride, padding, dilation, bias) -> None:
 
     for mode in ("full", "patch"):
         ad = make_adapter("0", conv, mode)
+        assert ad.out_hw((H, W)) == (ho, wo), f"{mode}: out_hw {ad.out_hw((H, W))} != conv2d's {(ho, wo)}"
         expect_fold = bias and (mode == "full" or bool(V[:, centre].all()))
         assert ad.fold_bias == expect_fold, f"{mode}: fold_bias {ad.fold_bias}, centre tap always valid: {bool(V[:, centre].all())}"
         Wt = ad.weight_matrix()
         if mode == "full":
-            a = P.reshape(N, T, C_IN * k * k)  # unfold order: channel, then kh, then kw
+            a = P.reshape(N, T, C_IN * kk)  # unfold order: channel, then kh, then kw
             assert_close(ad.unfold(x), a.transpose(1, 2), what="F.unfold patches vs explicit loops")
             if expect_fold:
                 a = with_one(a)
@@ -301,12 +342,12 @@ def test_conv_patches_and_factors(k, stride, padding, dilation, bias) -> None:
         else:
             a = P.permute(0, 1, 3, 2)  # [N, T, kappa, C]
             if expect_fold:
-                a = torch.cat([a, V[None, :, :, None].expand(N, T, k * k, 1)], dim=-1)
+                a = torch.cat([a, V[None, :, :, None].expand(N, T, kk, 1)], dim=-1)
             rec = torch.einsum("odk,ntkd->not", Wt, a)
             if bias and not expect_fold:
                 rec = rec + conv.bias[None, :, None]
             assert_close(rec, out, what=f"patch-mode W~ per offset vs conv2d (fold_bias={expect_fold})")
-            A = torch.einsum("ntkd,ntke->de", a, a) / (N * T * k * k)
+            A = torch.einsum("ntkd,ntke->de", a, a) / (N * T * kk)
         st = raykfe.collect_factors(model, [(x[:1], y[:1]), (x[1:], y[1:])], fisher="empirical", conv_mode=mode, layers=["0"])["0"]
         assert st.count == N and st.meta["positions"] == T
         assert_close(st.A, A, what=f"{mode} A")
@@ -329,6 +370,11 @@ def test_fold_bias_cases() -> None:
 
     assert fold(3, 1, 1) and fold(3, 0, 1) and fold(3, 2, 2) and fold(1, 0, 1)
     assert not fold(3, 2, 1) and not fold(1, 1, 1) and not fold(5, 3, 1)
+    # 'same' pads total//2 before: even kernels with dilation 1 read a real pixel at the centre tap
+    # (c = k/2 - 1) everywhere, with dilation 2 or 3 they do not
+    assert fold(3, "same", 1) and fold(3, "same", 2) and fold(2, "same", 1) and fold(4, "same", 1)
+    assert not fold(2, "same", 2) and not fold(2, "same", 3) and not fold(4, "same", 3)
+    assert fold(3, "valid", 1) and fold(2, "valid", 3)
     assert make_adapter("c", nn.Conv2d(2, 2, 3, padding=2), "full").fold_bias
     assert not make_adapter("c", nn.Conv2d(2, 2, 3, padding=1, bias=False), "patch").fold_bias
 
@@ -425,7 +471,8 @@ REBUILD_CASES = [
     *[
         (mode, geo, bias)
         for mode in ("patch", "full")
-        for geo in ((3, 1, 1, 1), (3, 2, 0, 1), (3, 1, 2, 2), (3, 2, 2, 1), (3, 1, 1, 2), (1, 2, 1, 1))
+        for geo in ((3, 1, 1, 1), (3, 2, 0, 1), (3, 1, 2, 2), (3, 2, 2, 1), (3, 1, 1, 2), (1, 2, 1, 1),
+                    (2, 1, "same", 1), (2, 1, "same", 3), ((2, 3), 1, "same", (1, 2)), (2, 2, "valid", 1))
         for bias in (True, False)
     ],
 ]
@@ -644,10 +691,10 @@ def test_sharded_statistics_merge(mode: str) -> None:
     _assert_stats_equal(raykfe.merge_stats([parts[2], raykfe.merge_stats(parts[:2])]), single, what="merge order")
     assert single["0"].count == 24 and [p["0"].count for p in parts] == [3, 13, 8]
 
-    # true Fisher: each worker samples its own labels, so S differs from a single pass by construction;
-    # A never depends on labels, and with a one-hot-confident model the sampled labels are the argmax
-    make_confident(model, model[3], x)
+    # true Fisher: an example's label draw is picked by its global index, so shards without
+    # (x, y, idx) batches say where they start (tests/test_capture.py: overlapping ones are refused)
     single = raykfe.collect_factors(model, batches, fisher="true", conv_mode=mode, seed=0)
-    parts = [raykfe.collect_factors(model, s, fisher="true", conv_mode=mode, seed=i + 1) for i, s in enumerate(shards)]
+    parts = [raykfe.collect_factors(model, s, fisher="true", conv_mode=mode, seed=0, first_index=i0)
+             for s, i0 in zip(shards, (0, 3, 16))]
     assert (single["0"].S_sum.diagonal() > 0).any()
-    _assert_stats_equal(raykfe.merge_stats(parts), single, rtol=1e-10, what="merge (true Fisher)")
+    _assert_stats_equal(raykfe.merge_stats(parts), single, what="merge (true Fisher)")

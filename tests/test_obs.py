@@ -23,6 +23,7 @@ from raykfe.errors import ConfigError, NumericalError
 from raykfe.layers import make_adapter
 from raykfe.methods.obs import (
     DiagFisher,
+    _per_example_grads,
     cobd_scores,
     cobs_entry_scores,
     cobs_scores,
@@ -81,12 +82,12 @@ def data(n: int = 10, seed: int = 1):
     return torch.randn(n, 3, 9, 9, generator=g, dtype=DT), torch.randint(0, 5, (n,), generator=g)
 
 
-def brute_diag(model, x, y, idx, fisher, seed=0):
+def brute_diag(model, x, y, idx, fisher, seed=0, layers=LAYERS):
     """sum_n g_n^2 from one autograd.grad per example (eval mode)."""
     model.eval()
     mods = dict(model.named_modules())
-    params = [(n, k, getattr(mods[n], k)) for n in LAYERS for k in ("weight", "bias")]
-    out = {n: {} for n in LAYERS}
+    params = [(n, k, getattr(mods[n], k)) for n in layers for k in ("weight", "bias")]
+    out = {n: {} for n in layers}
     for _, _, p in params:
         p.requires_grad_(True)
     for i in range(x.shape[0]):
@@ -157,6 +158,72 @@ def test_diag_fisher_shards_and_indices():
     # max_batches
     first = collect_diag_fisher(model, [(x[:7], y[:7]), (x[7:], y[7:])], layers=["fc"], seed=11, max_batches=1)
     assert first.count == 7
+
+
+# every padding form a Conv2d accepts (k, stride, padding, dilation, padding_mode): 'same' with
+# odd and even kernels and odd totals d*(k-1) (one more pixel after), 'valid', tuples, strides
+PADDINGS = [
+    (3, 1, "same", 1, "zeros"), (2, 1, "same", 1, "zeros"), (2, 1, "same", 3, "zeros"),
+    (4, 1, "same", 2, "zeros"), ((2, 3), 1, "same", (3, 1), "zeros"), (2, 1, "same", 1, "reflect"),
+    ((4, 3), 1, "same", 1, "circular"), (3, 1, "valid", 2, "zeros"), (2, 2, "valid", 1, "zeros"),
+    (3, 2, (1, 2), (2, 1), "zeros"), ((2, 3), 2, (1, 0), 1, "replicate"), (2, 1, 1, 1, "zeros"),
+]
+
+
+class OneConv(nn.Module):
+    def __init__(self, conv: nn.Conv2d, n_out: int) -> None:
+        super().__init__()
+        self.c, self.fc = conv, nn.Linear(n_out, 5)
+
+    def forward(self, x):
+        return self.fc(torch.tanh(self.c(x)).flatten(1))
+
+
+@pytest.mark.parametrize("k,stride,padding,dilation,mode", PADDINGS, ids=[str(p) for p in PADDINGS])
+def test_diag_fisher_every_padding_form(k, stride, padding, dilation, mode):
+    """Per-example conv gradients == autograd one example at a time, and the diagonal == brute force."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(2, 3, k, stride=stride, padding=padding, dilation=dilation, padding_mode=mode).to(DT)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(4, 2, 7, 6, generator=g, dtype=DT)
+    out = conv(x)
+    dy = torch.randn(out.shape, generator=g, dtype=DT)
+    gw, gb = _per_example_grads(conv, x, dy)
+    for n in range(x.shape[0]):
+        ew, eb = torch.autograd.grad((conv(x[n : n + 1]) * dy[n : n + 1]).sum(), [conv.weight, conv.bias])
+        assert (gw[n] - ew).abs().max().item() <= 1e-12 * ew.abs().max().item(), f"example {n}: weight gradient"
+        assert (gb[n] - eb).abs().max().item() <= 1e-12 * eb.abs().max().item(), f"example {n}: bias gradient"
+    model = OneConv(conv, out[0].numel()).to(DT)
+    y = torch.randint(0, 5, (4,), generator=g)
+    want = brute_diag(model, x, y, torch.arange(4), "true", seed=2, layers=["c", "fc"])
+    got = collect_diag_fisher(model, [(x[:3], y[:3]), (x[3:], y[3:])], layers=["c", "fc"], seed=2)
+    assert_diag_equal(got, want, 4)
+
+
+def test_diag_fisher_hand_made_shards_need_global_indices():
+    """Shards without idx: with first_index they merge to the single pass; overlapping ones are refused."""
+    model = toy(4)
+    x, y = data(12, seed=6)
+    batches = [(x[:3], y[:3]), (x[3:7], y[3:7]), (x[7:], y[7:])]
+    single = collect_diag_fisher(model, batches, layers=LAYERS, seed=9)
+    assert single.index_ranges == [[0, 12]]
+    s1 = collect_diag_fisher(model, batches[:2], layers=LAYERS, seed=9)
+    s2 = collect_diag_fisher(model, batches[2:], layers=LAYERS, seed=9, first_index=7)
+    assert (s1.index_ranges, s2.index_ranges) == ([[0, 7]], [[7, 12]])
+    merged = s2.merge(s1)
+    assert merged.index_ranges == [[0, 12]]
+    assert_diag_equal(merged, {n: single.sums[n] for n in LAYERS}, 12)
+    # the second shard collected from index 0 reuses the labels of examples 0..4: refused
+    again = collect_diag_fisher(model, batches[2:], layers=LAYERS, seed=9)
+    bad = s1.sums["fc"]["weight"] + again.sums["fc"]["weight"]
+    assert (bad - single.sums["fc"]["weight"]).abs().max() > 1e-3 * single.sums["fc"]["weight"].abs().max()
+    with pytest.raises(ConfigError, match=r"\[0, 5\).*first_index="):
+        s1.merge(again)
+    with pytest.raises(ConfigError, match="first_index"):
+        collect_diag_fisher(model, batches, layers=LAYERS, first_index=-3)
+    # explicit global indices and the empirical Fisher carry no range (nothing to check)
+    assert collect_diag_fisher(model, [(x, y, torch.arange(12))], layers=["fc"], seed=9).index_ranges is None
+    assert collect_diag_fisher(model, batches, layers=["fc"], fisher="empirical").index_ranges is None
 
 
 def test_diag_fisher_errors():

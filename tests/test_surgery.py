@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import copy
 import os
 
 import pytest
@@ -182,13 +181,13 @@ def test_targets_and_layer_cap(small, target: str) -> None:
     kind, frac = target.split(":")
     summary = plan.summary
     if kind == "params":
-        assert abs(plan.params_reduction - float(frac)) <= 0.02, plan.params_reduction
+        assert 0.0 <= plan.params_reduction - float(frac) <= 0.02, plan.params_reduction  # at or above, never below
     elif kind == "flops":
-        assert abs(plan.macs_reduction - float(frac)) <= 0.02, plan.macs_reduction
+        assert 0.0 <= plan.macs_reduction - float(frac) <= 0.02, plan.macs_reduction
     else:
         assert summary.units_removed == removed_directions(plan)
         assert summary.units_total == total_directions(plan)
-        assert abs(summary.achieved - float(frac)) <= 0.02
+        assert 0.0 <= summary.achieved - float(frac) <= 0.02
     assert any(lp.action == "kfe" for lp in plan.layers.values())
     with torch.no_grad():
         assert res.model.eval()(x).shape == (x.shape[0], 10)
@@ -201,7 +200,7 @@ def test_directions_target_counts_only_removed_directions(small) -> None:
     actual = removed_directions(plan) / total_directions(plan)
     reported = plan.summary.achieved
     assert abs(actual - reported) < 1e-12, f"plan reports {reported:.4f} of directions removed, actually {actual:.4f}"
-    assert abs(actual - 0.3) <= 0.02
+    assert 0.0 <= actual - 0.3 <= 0.02
 
 
 def test_at_least_one_direction_survives(small) -> None:

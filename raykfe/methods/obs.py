@@ -83,6 +83,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError, NumericalError
+from ..factors import merge_index_ranges
+from ..layers import conv_pad
 from . import ChannelScores, Method, register, register_statistic
 
 __all__ = [
@@ -118,11 +120,16 @@ class DiagFisher:
     """Sums of squared per-example gradients, kept as (sum, count) so that shards merge by adding.
 
     ``sums[module name] = {"weight": sum_n g_n^2, "bias": ...}`` (float64, shaped like the module's
-    parameters; "bias" only when the module has one) and ``count = N`` examples.
+    parameters; "bias" only when the module has one) and ``count = N`` examples. ``index_ranges``:
+    the implicit example indices (``[start, stop)`` pairs) a true-Fisher pass without ``idx`` drew
+    its labels from, else None; :meth:`merge` refuses overlapping ones, like
+    :func:`raykfe.factors.merge_index_ranges`. The flat tensors of :meth:`to_tensors` (sums to
+    all-reduce, whose workers always pass global indices) do not carry them.
     """
 
     sums: dict[str, dict[str, torch.Tensor]]
     count: int = 0
+    index_ranges: list | None = None
 
     def merge(self, other: "DiagFisher") -> "DiagFisher":
         if set(self.sums) != set(other.sums):
@@ -139,7 +146,7 @@ class DiagFisher:
                     "collect every shard from the same model"
                 )
             out[name] = {k: params[k] + theirs[k].to(params[k].device) for k in params}
-        return DiagFisher(out, self.count + other.count)
+        return DiagFisher(out, self.count + other.count, merge_index_ranges(self.index_ranges, other.index_ranges))
 
     def to_tensors(self) -> dict[str, torch.Tensor]:
         """Flat ``{"module::weight": sum, ..., "count": int64 [1]}`` (all-reduce by summing / safetensors)."""
@@ -171,19 +178,9 @@ class DiagFisher:
 
 
 def _conv_pad(module: nn.Conv2d) -> tuple[tuple[int, int, int, int], str]:
-    """``F.pad`` amounts (w_left, w_right, h_top, h_bottom) and mode that the conv applies."""
-    p = module.padding
-    if isinstance(p, str):
-        if p == "valid":
-            pad = (0, 0, 0, 0)
-        else:  # 'same': total d*(k-1), the odd extra on the right/bottom (as PyTorch does)
-            tot = [d * (k - 1) for d, k in zip(module.dilation, module.kernel_size)]
-            pad = (tot[1] // 2, tot[1] - tot[1] // 2, tot[0] // 2, tot[0] - tot[0] // 2)
-    else:
-        ph, pw = (p, p) if isinstance(p, int) else p
-        pad = (pw, pw, ph, ph)
+    """``F.pad`` amounts (w_left, w_right, h_top, h_bottom) (:func:`raykfe.layers.conv_pad`) and mode."""
     mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
-    return pad, mode
+    return conv_pad(module), mode
 
 
 def _example_elems(module: nn.Module, x: torch.Tensor, g: torch.Tensor) -> int:
@@ -229,18 +226,22 @@ def collect_diag_fisher(
     max_batches: int | None = None,
     progress: bool = False,
     max_chunk_elems: int = MAX_CHUNK_ELEMS,
+    first_index: int = 0,
 ) -> DiagFisher:
     """The exact Fisher diagonal (sums of squared per-example gradients) of the listed layers.
 
-    ``batches`` yields ``(x, y)`` or ``(x, y, idx)`` (idx: global example indices; else the running
-    position). Listed layers must be ``nn.Linear`` or ``nn.Conv2d`` modules called once per forward;
-    a listed layer the forward never reaches has an all-zero diagonal. The model is run in eval mode;
+    ``batches`` yields ``(x, y)`` or ``(x, y, idx)`` (idx: global example indices; else
+    ``first_index`` + the running position, recorded in ``index_ranges`` for the true Fisher so
+    that overlapping hand-made shards are refused on merge). Listed layers must be ``nn.Linear``
+    or ``nn.Conv2d`` modules called once per forward; a listed layer the forward never reaches
+    has an all-zero diagonal. The model is run in eval mode;
     its parameters' ``requires_grad``, ``.grad`` and its train/eval mode are left as they were.
     """
-    from ..capture import FISHER_TYPES, sample_labels
+    from ..capture import FISHER_TYPES, _check_first_index, sample_labels
 
     if fisher not in FISHER_TYPES:
         raise ConfigError(f"fisher={fisher!r} is not known: use 'true' (sampled labels) or 'empirical'")
+    first_index = _check_first_index(first_index)
     if isinstance(layers, str):
         raise ConfigError(f"layers={layers!r} is a string: pass a list of module names, e.g. layers=[{layers!r}]")
     if max_chunk_elems < 1:
@@ -303,7 +304,7 @@ def collect_diag_fisher(
 
         iterator = tqdm(batches, desc="Fisher diagonal", total=max_batches, leave=False)
     count = 0
-    seen = False
+    seen = implicit = False
     try:
         # only the listed weights require grad: every listed output then requires grad, and
         # autograd.grad (not backward) leaves every .grad untouched
@@ -317,7 +318,8 @@ def collect_diag_fisher(
             seen = True
             x, y = batch[0], batch[1]
             n = x.shape[0]
-            idx = batch[2] if len(batch) > 2 else torch.arange(count, count + n)
+            idx = batch[2] if len(batch) > 2 else torch.arange(first_index + count, first_index + count + n)
+            implicit = implicit or len(batch) <= 2
             state["calls"] = {}
             with torch.enable_grad():
                 logits = model(x.to(device))
@@ -339,7 +341,8 @@ def collect_diag_fisher(
         model.train(was_training)
     if not seen:
         raise ConfigError("no batch was seen: the data given for the Fisher diagonal is empty")
-    return DiagFisher(sums, count)
+    ranges = [[first_index, first_index + count]] if implicit and fisher == "true" else None
+    return DiagFisher(sums, count, ranges)
 
 
 # ------------------------------------------------------------------------------------------------
