@@ -8,6 +8,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -41,10 +43,10 @@ def test_target_is_met_on_the_rebuilt_model(resnet8_stats, target):
     res = raykfe.prune(model, batches, target=target, stats=stats)
     base, new = raykfe.count(model, x), raykfe.count(res.model, x)
     measured = 1.0 - (new.params / base.params if kind == "params" else new.macs / base.macs)
-    summary = res.plan.options["summary"]
-    assert summary["achieved"] == pytest.approx(measured, abs=1e-15)
+    summary = res.plan.summary
+    assert summary.achieved == pytest.approx(measured, abs=1e-15)
     assert measured >= fraction, f"{target}: achieved {measured:.6f} is below the target"
-    assert summary["within_tolerance"] == (measured - fraction <= 0.02)
+    assert summary.within_tolerance == (measured - fraction <= 0.02)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -189,3 +191,37 @@ def test_select_equals_exhaustive_search(seed):
                 assert sorted(removed) == expect, f"{what}: plan removes {sorted(removed)}, exhaustive search {expect}"
                 checked += 1
     assert checked >= 24, checked  # most random problems are reachable: the test is not vacuous
+
+
+# ------------------------------------------------------------------------------------------------
+# one Plan type: JSON round trip, earlier formats read, newer ones refused
+# ------------------------------------------------------------------------------------------------
+
+FIXTURES = __import__("pathlib").Path(__file__).parent / "fixtures" / "results_v1"
+
+
+def test_plan_round_trips_and_reads_format_1_plans():
+    from raykfe.plan import PLAN_FORMAT, Plan
+
+    kfe_v1 = json.loads((FIXTURES / "eigendamage" / "plan.json").read_text())
+    chan_v1 = json.loads((FIXTURES / "l1" / "plan.json").read_text())
+    assert kfe_v1["format"] == 1 and chan_v1["kind"] == "channels"
+    kfe, chan = Plan.from_dict(kfe_v1), Plan.from_dict(chan_v1)
+    assert kfe.space == "kfe" and chan.space == "channels"
+    assert kfe.summary.achieved == kfe_v1["options"]["summary"]["achieved"]
+    assert kfe.settings["conv_mode"] == "patch" and kfe.freeze_rotations is False
+    assert chan.input_shape == chan_v1["options"]["input_shape"] and chan.removed == chan_v1["removed"]
+    assert {n: [c.kept, c.total] for n, c in chan.channels.items()} == chan_v1["options"]["layers"]
+    for plan in (kfe, chan):
+        back = Plan.from_json(plan.to_json())
+        assert back == plan and back.format == PLAN_FORMAT
+
+
+def test_plan_of_a_newer_raykfe_or_with_unknown_fields_is_refused():
+    from raykfe.plan import PLAN_FORMAT, Plan
+
+    d = Plan("eigendamage", "flops:0.5").to_dict()
+    with pytest.raises(raykfe.ConfigError, match="newer than this raykfe"):
+        Plan.from_dict({**d, "format": PLAN_FORMAT + 1})
+    with pytest.raises(raykfe.ConfigError, match="unknown fields.*'zzz'"):
+        Plan.from_dict({**d, "zzz": 1})
