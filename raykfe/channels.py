@@ -86,7 +86,7 @@ from torch import nn
 
 from .counting import count, eval_forward_with_hooks
 from .errors import ConfigError
-from .plan import Target, parse_target, smallest_meeting
+from .plan import Target, normalized, parse_target, rank_keys, smallest_meeting
 
 __all__ = [
     "Member",
@@ -687,6 +687,37 @@ class ChannelGraph:
         return self._cost_vec(self._counts(removed))
 
     # ---------------------------------------------------------------- selection
+    def unit_cost(self, name: str, metric: int) -> int:
+        """What removing one unit of group ``name`` saves of ``metric`` (0 params, 1 MACs) at the
+        model's current widths."""
+        return (self.base_params, self.base_macs)[metric] - self.cost({name: 1})[metric]
+
+    def _eligible(self, scores, metric, max_layer_ratio, caps, rank, normalize):
+        """(group index, unit) of the eligible units, in ranking order, and the number scored."""
+        keys, u_group, u_chan, total = [], [], [], 0
+        for name, raw in scores.items():
+            gi = self._group_index(name)
+            size = self.groups[gi].size
+            s = np.asarray(raw, dtype=np.float64).reshape(-1)
+            if s.size != size:
+                raise ConfigError(f"scores[{name!r}] has {s.size} entries but the group has {size} channels: score each channel once")
+            if not np.all(np.isfinite(s)):
+                raise ConfigError(f"scores[{name!r}] has NaN or infinite entries: check the statistics of that group")
+            s = normalized(s, normalize)
+            total += size
+            cap = max(0, min(int(math.floor(max_layer_ratio * size)), size - 1))
+            if caps is not None and name in caps:
+                cap = max(0, min(int(caps[name]), size - 1))
+            order = np.argsort(s, kind="stable")[:cap]
+            keys.append(rank_keys(s[order], self.unit_cost(name, metric), rank))
+            u_group.append(np.full(order.size, gi, dtype=np.int64))
+            u_chan.append(order.astype(np.int64))
+        if not keys:
+            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64), total
+        ug, uc = np.concatenate(u_group), np.concatenate(u_chan)
+        perm = np.lexsort((uc, ug, np.concatenate(keys)))  # key, then group (forward order), then channel
+        return ug[perm], uc[perm], total
+
     def select(
         self,
         scores: Mapping[str, np.ndarray],
@@ -694,8 +725,13 @@ class ChannelGraph:
         *,
         max_layer_ratio: float = 0.95,
         tolerance: float = 0.02,
+        rank: str = "score",
+        normalize: str = "none",
+        caps: Mapping[str, int] | None = None,
     ) -> tuple[dict[str, list[int]], dict]:
-        """Global selection of the channels to remove for ``target`` (see the module docstring).
+        """Global selection of the channels to remove for ``target`` (see the module docstring):
+        units ranked by ``rank`` after ``normalize`` (:func:`raykfe.plan.rank_keys`), at most
+        ``caps[group]`` (else ``max_layer_ratio``) per group.
 
         Returns ``({group: sorted removed units}, summary)``; ``summary`` has ``params``, ``macs``,
         ``base_params``, ``base_macs``, ``achieved``, ``removed_channels``, ``channels`` (units of
@@ -720,27 +756,7 @@ class ChannelGraph:
             raise ConfigError(f"prune.tolerance={tolerance} must be >= 0")
         metric = 1 if tgt.kind == "flops" else 0
         base = (self.base_params, self.base_macs)[metric]
-        u_score, u_group, u_chan = [], [], []
-        total = 0
-        for name, s in scores.items():
-            gi = self._group_index(name)
-            size = self.groups[gi].size
-            s = np.asarray(s, dtype=np.float64).reshape(-1)
-            if s.size != size:
-                raise ConfigError(f"scores[{name!r}] has {s.size} entries but the group has {size} channels: score each channel once")
-            if not np.all(np.isfinite(s)):
-                raise ConfigError(f"scores[{name!r}] has NaN or infinite entries: check the statistics of that group")
-            total += size
-            cap = max(0, min(int(math.floor(max_layer_ratio * size)), size - 1))
-            order = np.argsort(s, kind="stable")[:cap]
-            u_score.append(s[order])
-            u_group.append(np.full(order.size, gi, dtype=np.int64))
-            u_chan.append(order.astype(np.int64))
-        us = np.concatenate(u_score) if u_score else np.zeros(0)
-        ug = np.concatenate(u_group) if u_group else np.zeros(0, dtype=np.int64)
-        uc = np.concatenate(u_chan) if u_chan else np.zeros(0, dtype=np.int64)
-        perm = np.lexsort((uc, ug, us))  # score, then group (forward order), then channel
-        us, ug, uc = us[perm], ug[perm], uc[perm]
+        ug, uc, total = self._eligible(scores, metric, max_layer_ratio, caps, rank, normalize)
         n_groups = len(self.groups)
 
         def outcome(k: int) -> tuple[int, int]:
@@ -749,31 +765,22 @@ class ChannelGraph:
         def reduction(k: int) -> float:
             return 1.0 - outcome(k)[metric] / base if base else 0.0
 
-        n = us.size
-        best = reduction(n)
+        best = reduction(ug.size)
         if best < tgt.fraction - 1e-12:
             raise ConfigError(
                 f"target {tgt} is unreachable with channel pruning: removing every eligible channel removes at most "
                 f"{best:.3f} of the {'MACs' if metric else 'parameters'} (prune.max_layer_ratio={max_layer_ratio}); "
                 "lower the target or raise prune.max_layer_ratio"
             )
-        k = smallest_meeting(reduction, n, tgt.fraction)
+        k = smallest_meeting(reduction, ug.size, tgt.fraction)
         params, macs = outcome(k)
-        removed: dict[str, list[int]] = {}
-        for gi in np.unique(ug[:k]):
-            removed[self.groups[int(gi)].name] = sorted(int(c) for c in uc[:k][ug[:k] == gi])
-        removed = {g.name: removed[g.name] for g in self.groups if g.name in removed}  # forward order
+        removed = {g.name: sorted(int(c) for c in uc[:k][ug[:k] == gi]) for gi, g in enumerate(self.groups)
+                   if np.any(ug[:k] == gi)}  # forward order
         achieved = 1.0 - (params, macs)[metric] / base if base else 0.0
         summary = {
-            "target": str(tgt),
-            "params": int(params),
-            "macs": int(macs),
-            "base_params": self.base_params,
-            "base_macs": self.base_macs,
-            "achieved": float(achieved),
-            "within_tolerance": bool(achieved - tgt.fraction <= tolerance),
-            "removed_channels": int(k),
-            "channels": int(total),
+            "target": str(tgt), "params": int(params), "macs": int(macs), "base_params": self.base_params,
+            "base_macs": self.base_macs, "achieved": float(achieved), "within_tolerance": bool(achieved - tgt.fraction <= tolerance),
+            "removed_channels": int(k), "channels": int(total),
         }
         return removed, summary
 

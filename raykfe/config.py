@@ -11,7 +11,7 @@ A job file has the sections below (every key optional, defaults shown by ``raykf
     base:     {epochs, lr, momentum, weight_decay, milestones, batch_size}   # trains a base model
     stats:    {fisher, conv_mode, batch_size, max_batches, max_factor_dim}
     prune:    {method, target, max_layer_ratio, include_classifier, exclude, tolerance, freeze_rotations,
-               rounds, round_epochs, damping}
+               rounds, round_epochs, damping, steps, recalibrate_batches, rank, normalize}
     sparsity: {epochs, lr, ..., bn_l1}  # network slimming's sparsity training (prune.method=slimming)
     finetune: {epochs, lr, momentum, weight_decay, milestones, batch_size, bn_l1}
     output:   {uri, overwrite}
@@ -155,6 +155,10 @@ class PruneConfig:
     rounds: int | None = None  # prune/fine-tune rounds (eigendamage-iterative: default 3; others 1)
     round_epochs: int | None = None  # fine-tuning epochs between rounds (default: finetune.epochs)
     damping: float = 1e-3  # Tikhonov damping of the K-FAC inverses (c-obs, kron-obs), relative to the mean diagonal
+    steps: int = 1  # one-shot prune steps, statistics re-collected between them (no training)
+    recalibrate_batches: int = 10  # BatchNorm statistics re-estimated after surgery from this many batches (0: off)
+    rank: str = "score"  # "cost": loss per MAC / parameter saved; "score": loss alone
+    normalize: str = "none"  # "mean": scores divided by their layer's mean before the global ranking
 
     def validate(self, p: str) -> None:
         from .methods import METHODS
@@ -177,6 +181,14 @@ class PruneConfig:
         _check(self.round_epochs is None or self.round_epochs >= 0, f"{p}.round_epochs", self.round_epochs,
                "use 0 or more epochs, or null for finetune.epochs")
         _check(self.damping > 0, f"{p}.damping", self.damping, "use a small positive damping, e.g. 1e-3")
+        _check(self.steps >= 1, f"{p}.steps", self.steps, "use 1 (one shot) or more steps")
+        _check(self.steps == 1 or self.n_rounds == 1, f"{p}.steps", self.steps,
+               "an iterative method prunes in prune.rounds: leave prune.steps at 1")
+        _check(self.steps == 1 or tgt.kind != "directions", f"{p}.steps", self.steps, "steps aim at params:F or flops:F")
+        _check(self.recalibrate_batches >= 0, f"{p}.recalibrate_batches", self.recalibrate_batches,
+               "use 0 (off) or a number of batches, e.g. 10")
+        _check(self.rank in ("cost", "score"), f"{p}.rank", self.rank, "use cost or score")
+        _check(self.normalize in ("none", "mean"), f"{p}.normalize", self.normalize, "use none or mean")
 
     @property
     def n_rounds(self) -> int:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping, Protocol
@@ -42,6 +43,7 @@ from .eigen import eigenbasis
 from .errors import ConfigError
 from .factors import LayerStats
 from .iterative import compose_plan, merge_round, round_layer_names, round_metas, round_target
+from .recalibrate import apply_bn_sums, bn_sums
 from .methods import Method, collect_statistic, get_method
 from .methods.eigendamage import LayerScores, score_in_basis
 from .plan import ChannelLayer, Plan, Summary, Target, parse_target, select
@@ -98,6 +100,10 @@ class Source(Protocol):
         ...
 
     def keep_round(self, r: int, plan: Plan, state: dict[str, torch.Tensor]) -> None: ...
+
+    def bn_sums(self, model: nn.Module, plan: Plan, n_batches: int) -> dict[str, torch.Tensor]:
+        """BatchNorm input sums of ``model`` over ``n_batches`` training batches (:mod:`raykfe.recalibrate`)."""
+        ...
 
     def log(self, message: str) -> None: ...
 
@@ -166,6 +172,9 @@ class BatchSource:
     def keep_round(self, r, plan, state):
         pass
 
+    def bn_sums(self, model, plan, n_batches):
+        return bn_sums(model, self.batches, {"batches": n_batches})
+
     def log(self, message):
         pass
 
@@ -175,20 +184,27 @@ class BatchSource:
 # ------------------------------------------------------------------------------------------------
 
 
-def _check(method: Method, target: Target, rounds: int, api: bool) -> None:
+def _check(method: Method, target: Target, rounds: int, settings: PruneSettings, api: bool) -> None:
     if target.kind == "directions" and method.space != "kfe":
         raise ConfigError(f"target {target} counts eigen-directions, which only the KFE methods have: "
                           f"use 'params:F' or 'flops:F' with {method.name}")
     if target.kind == "directions" and rounds > 1:
-        raise ConfigError("iterative rounds need a params:F or flops:F target (directions:F is one-pass only)")
-    if rounds > 1 and method.space != "kfe":
+        raise ConfigError("rounds and steps need a params:F or flops:F target (directions:F is one-pass only)")
+    if method.rounds > 1 and settings.steps > 1:
+        raise ConfigError(f"method {method.name!r} prunes in rounds (prune.rounds): leave steps at 1")
+    if settings.rounds not in (None, 1) and method.space != "kfe":
         raise ConfigError(f"rounds apply to the KFE methods only: use rounds=1 with {method.name}")
     if api and method.needs_job:
         raise ConfigError(f"method {method.name!r} cannot run from the API: {method.needs_job}; run it as a job "
                           f"(raykfe prune -c job.yaml prune.method={method.name})")
-    if api and rounds > 1:
+    if api and method.rounds > 1:
         raise ConfigError(f"method {method.name!r} fine-tunes between rounds: run it as a job (raykfe prune -c "
                           "job.yaml, or raykfe.pipeline.run_job) or use method='eigendamage' here")
+
+
+def _rounds(method: Method, settings: PruneSettings) -> int:
+    """Rounds of an iterative method (fine-tuned between), else one-shot steps."""
+    return (settings.rounds or method.rounds) if method.rounds > 1 else settings.steps
 
 
 def prune(model: nn.Module, source: Source, method: str = "eigendamage", target: "str | Target" = "flops:0.5",
@@ -196,29 +212,20 @@ def prune(model: nn.Module, source: Source, method: str = "eigendamage", target:
     """Prune ``model`` (left unchanged) with ``method`` to ``target`` on ``source``'s statistics.
 
     ``api``: called by :func:`raykfe.prune` (methods that need a job's stages are refused)."""
-    settings = settings or PruneSettings()
-    m, tgt = get_method(method), parse_target(target)
-    rounds = settings.rounds or m.rounds
-    _check(m, tgt, rounds, api)
-    timings: dict[str, float] = {}
-    if m.space == "kfe":
-        new, plan, stats = _KfeRun(model, source, m, settings, rounds, timings).run(tgt)
-    else:
-        (new, plan), stats = _ChannelRun(model, source, m, settings, timings).run(tgt), None
     from .report import plan_report
 
-    return PruneResult(new, plan, plan_report(plan), stats, timings)
+    settings = settings or PruneSettings()
+    m, tgt = get_method(method), parse_target(target)
+    _check(m, tgt, _rounds(m, settings), settings, api)
+    run = _Run(model, source, m, settings)
+    new, plan = run.run(tgt)
+    return PruneResult(new, plan, plan_report(plan), run.space.stats, run.timings)
 
 
 def prepare(model: nn.Module, source: Source, method: str, settings: PruneSettings | None = None) -> None:
     """Compute (and let ``source`` keep) the stages that do not depend on the target: the
     statistics and the scores of the first round (a sweep's driver, once per method family)."""
-    settings = settings or PruneSettings()
-    m = get_method(method)
-    if m.space == "kfe":
-        _KfeRun(model, source, m, settings, settings.rounds or m.rounds, {}).scored(model, None, 1)
-    else:
-        _ChannelRun(model, source, m, settings, {}).scores()
+    _Run(model, source, get_method(method), settings or PruneSettings()).space.score(model, None, 1)
 
 
 def check_counts(model: nn.Module, plan: Plan, example: torch.Tensor, what: str = "the rebuilt model") -> None:
@@ -231,7 +238,8 @@ def check_counts(model: nn.Module, plan: Plan, example: torch.Tensor, what: str 
 
 def plan_from_scores(model: nn.Module, example: torch.Tensor, scored: Mapping[str, LayerScores], metas: Mapping[str, dict],
                      target: "str | Target", skipped: Mapping[str, str], *, method: str,
-                     settings: PruneSettings | None = None, rounds: int = 1) -> Plan:
+                     settings: PruneSettings | None = None, rounds: int = 1,
+                     caps: Mapping[str, tuple[int, int]] | None = None) -> Plan:
     """The KFE plan of already-scored layers for ``target``: the global selection
     (:func:`raykfe.plan.select`) with the model's exact counts."""
     s = settings or PruneSettings()
@@ -239,7 +247,8 @@ def plan_from_scores(model: nn.Module, example: torch.Tensor, scored: Mapping[st
     layers, summary = select(
         {n: (sc.rows, sc.cols) for n, sc in scored.items()}, dict(metas), target, base_params=base.params,
         base_macs=base.macs, max_layer_ratio=s.layer_ratio(rounds), tolerance=s.tolerance,
-        entry_scores={n: sc.entries.numpy() for n, sc in scored.items()},
+        entry_scores={n: sc.entries.numpy() for n, sc in scored.items()}, rank=s.rank, normalize=s.normalize,
+        caps=dict(caps) if caps else None,
     )
     return _plan(get_method(method), parse_target(target), s, base, summary, layers=layers, skipped=dict(skipped),
                  freeze_rotations=s.freeze_rotations)
@@ -256,129 +265,207 @@ class _Clock:
         self.timings[self.key] = self.timings.get(self.key, 0.0) + time.perf_counter() - self.t0
 
 
-class _KfeRun:
-    """EigenDamage in one pass or in rounds (:mod:`raykfe.iterative`)."""
+class _Run:
+    """One prune, round by round (module docstring); the space (:class:`_KfeSpace`,
+    :class:`_ChannelSpace`) knows how to score, select, cut and compose in its coordinates."""
 
-    def __init__(self, model, source: Source, method: Method, settings: PruneSettings, rounds: int, timings) -> None:
-        self.model, self.source, self.method, self.settings, self.rounds, self.timings = model, source, method, settings, rounds, timings
-        s, self.example = settings, source.example.to(_device(model))
-        self.adapters, self.skipped = prunable_layers(
-            model, self.example, conv_mode=s.conv_mode, include_classifier=s.include_classifier, exclude=s.exclude,
-            max_factor_dim=s.max_factor_dim,
-        )
-        self.metas = layer_metas(model, self.example, self.adapters)
+    def __init__(self, model: nn.Module, source: Source, method: Method, settings: PruneSettings) -> None:
+        self.model, self.source, self.method, self.settings = model, source, method, settings
+        self.rounds, self.iterative = _rounds(method, settings), method.rounds > 1
+        self.timings: dict[str, float] = {}
+        self.example = source.example.to(_device(model))
+        space = _KfeSpace if method.space == "kfe" else _ChannelSpace
+        self.space = space(self)
 
-    def scored(self, current: nn.Module, composite: Plan | None, r: int):
-        """``(stats, {layer: LayerScores})`` of round ``r`` (statistics of the cores of rebuilt layers)."""
-        sfx, mode = _suffix(r), self.settings.conv_mode
-        names = round_layer_names(current, self.adapters)
-        with _Clock(self.timings, "statistics"):
-            stats = self.source.kfac(current, composite, list(names.values()), mode, "stats" + sfx)
-        with _Clock(self.timings, "eigen"):
-            found, _ = find_layers(current, mode, None)
-            by_module = self.source.bases({t: stats[t] for t in names.values()},
-                                          {t: found[t].weight_matrix() for t in names.values()}, "eigen" + sfx)
-        return stats, {n: by_module[t] for n, t in names.items()}, names
+    def clock(self, key: str) -> _Clock:
+        return _Clock(self.timings, key)
 
-    def select(self, current: nn.Module, stats, scored, names, target: Target) -> Plan:
-        metas = round_metas(current, self.metas, {t: stats[t].meta for t in names.values()}, names)
-        return plan_from_scores(current, self.example, scored, metas, target, self.skipped, method=self.method.name,
-                                settings=self.settings, rounds=self.rounds)
-
-    def run(self, tgt: Target):
-        current, composite, stats, R = self.model, None, None, self.rounds
+    def run(self, tgt: Target) -> tuple[nn.Module, Plan]:
+        current, composite, R = self.model, None, self.rounds
         metric = "macs" if tgt.kind == "flops" else "params"
         base_cost = getattr(count(self.model, self.example), metric)
         for r in range(1, R + 1):
-            done = self.source.recall_round(r) if r < R else None
+            done = self.source.recall_round(r) if r < R and self.iterative else None
             if done is not None:  # pruned and fine-tuned by an earlier run
                 composite, state = done
                 current = rebuild(self.model, composite)
                 current.load_state_dict(state)
                 continue
-            stats, scored, names = self.scored(current, composite, r)
-            with _Clock(self.timings, "plan"):
+            scored = self.space.score(current, composite, r)
+            with self.clock("plan"):
                 target = tgt if R == 1 else round_target(tgt, base_cost, getattr(count(current, self.example), metric), r, R)
                 plan_r = self.source.recall_plan(f"plan{_suffix(r)}")
                 if plan_r is None:
-                    plan_r = self.select(current, stats, scored, names, target)
+                    plan_r = self.space.select(current, scored, target, r)
                     self.source.keep_plan(f"plan{_suffix(r)}", plan_r)
-                weights = {n: (sc.basis.QA, sc.basis.QS, sc.w_kfe) for n, sc in scored.items()}
-                new = merge_round(current, plan_r, weights, self.settings.conv_mode, self.settings.freeze_rotations)
-                composite = plan_r if R == 1 else compose_plan(composite, plan_r, self.metas, r)
+                new = self.space.apply(current, plan_r, scored)
+                composite = plan_r if R == 1 else self.space.compose(composite, plan_r, r)
                 check_counts(new, composite, self.example, f"round {r}'s model" if R > 1 else "the rebuilt model")
-            if r < R:
-                current = self._between_rounds(new, composite, r, base_cost, metric)
-            else:
-                current = new
+            self._recalibrate(new, composite)
+            if r < R and self.iterative:
+                self._train(new, composite, r, base_cost, metric)
+            current = new
+        composite = self.space.finish(current, composite)
         if R > 1:
             achieved = 1.0 - getattr(count(current, self.example), metric) / base_cost
             composite = dataclasses.replace(composite, target=str(tgt), summary=dataclasses.replace(
                 composite.summary, target=str(tgt), achieved=achieved,
                 within_tolerance=bool(achieved - tgt.fraction <= self.settings.tolerance)))
-        return current, composite, stats
+        return current, composite
 
-    def _between_rounds(self, new: nn.Module, composite: Plan, r: int, base_cost: float, metric: str) -> nn.Module:
+    def _recalibrate(self, model: nn.Module, plan: Plan) -> None:
+        if self.settings.recalibrate_batches:
+            with self.clock("recalibration"):
+                apply_bn_sums(model, self.source.bn_sums(model, plan, self.settings.recalibrate_batches))
+
+    def _train(self, new: nn.Module, composite: Plan, r: int, base_cost: float, metric: str) -> None:
         gone = 100 * (1 - getattr(count(new, self.example), metric) / base_cost)
         self.source.log(f"raykfe: round {r}/{self.rounds}: {gone:.1f}% of the {metric} removed; fine-tuning before the next round")
-        with _Clock(self.timings, "rounds finetune"):
+        with self.clock("rounds finetune"):
             new.load_state_dict(self.source.train(new, composite, f"finetune-round{r}"))
         self.source.keep_round(r, composite, {k: v.detach().cpu() for k, v in new.state_dict().items()})
-        return new
+
+    def caps_left(self, sizes: Mapping, original: Mapping) -> dict:
+        """Per-layer caps of a one-shot step: what the layer may still lose so that, over all
+        steps, it loses at most ``max_layer_ratio`` of its ORIGINAL units (iterative rounds cap
+        each round on the current units instead, as the paper does: no caps here then)."""
+        ratio = self.settings.layer_ratio(1)
+        return {n: tuple(max(0, int(math.floor(ratio * o)) - (o - c)) for c, o in zip(sizes[n], original[n])) for n in sizes}
 
 
-class _ChannelRun:
-    """A parameter-coordinate method: score channels, select, compensate, remove."""
+class _KfeSpace:
+    """EigenDamage's space: eigen-directions of each layer's K-FAC eigenbasis; a round prunes the
+    cores of rebuilt layers and merges the bases (:mod:`raykfe.iterative`)."""
 
-    def __init__(self, model, source: Source, method: Method, settings: PruneSettings, timings) -> None:
+    def __init__(self, run: _Run) -> None:
+        self.run, s = run, run.settings
+        self.adapters, self.skipped = prunable_layers(
+            run.model, run.example, conv_mode=s.conv_mode, include_classifier=s.include_classifier, exclude=s.exclude,
+            max_factor_dim=s.max_factor_dim,
+        )
+        self.metas = layer_metas(run.model, run.example, self.adapters)
+        self.stats: dict[str, LayerStats] | None = None
+
+    def score(self, current: nn.Module, composite: Plan | None, r: int):
+        """``(stats, {layer: LayerScores}, {layer: module measured})`` of round ``r`` (the cores of rebuilt layers)."""
+        run, sfx, mode = self.run, _suffix(r), self.run.settings.conv_mode
+        names = round_layer_names(current, self.adapters)
+        with run.clock("statistics"):
+            stats = run.source.kfac(current, composite, list(names.values()), mode, "stats" + sfx)
+        with run.clock("eigen"):
+            found, _ = find_layers(current, mode, None)
+            by_module = run.source.bases({t: stats[t] for t in names.values()},
+                                         {t: found[t].weight_matrix() for t in names.values()}, "eigen" + sfx)
+        self.stats = stats
+        return stats, {n: by_module[t] for n, t in names.items()}, names
+
+    def select(self, current: nn.Module, scored, target: Target, r: int) -> Plan:
+        run = self.run
+        stats, scores, names = scored
+        metas = round_metas(current, self.metas, {t: stats[t].meta for t in names.values()}, names)
+        caps = None
+        if not run.iterative and r > 1:
+            caps = run.caps_left({n: (m["d_out"], m["d_in"]) for n, m in metas.items()},
+                                 {n: (m["d_out"], m["d_in"]) for n, m in self.metas.items()})
+        return plan_from_scores(current, run.example, scores, metas, target, self.skipped, method=run.method.name,
+                                settings=run.settings, rounds=run.rounds if run.iterative else 1, caps=caps)
+
+    def apply(self, current: nn.Module, plan: Plan, scored) -> nn.Module:
+        weights = {n: (sc.basis.QA, sc.basis.QS, sc.w_kfe) for n, sc in scored[1].items()}
+        return merge_round(current, plan, weights, self.run.settings.conv_mode, self.run.settings.freeze_rotations)
+
+    def compose(self, composite: Plan | None, plan: Plan, r: int) -> Plan:
+        return compose_plan(composite, plan, self.metas, r)
+
+    def finish(self, final: nn.Module, composite: Plan) -> Plan:
+        return composite
+
+
+class _ChannelSpace:
+    """The channel methods' space: output channels of coupled groups; a round prunes the narrowed
+    network and its removals are mapped back to the original units."""
+
+    def __init__(self, run: _Run) -> None:
         from .channels import ChannelGraph
 
-        self.model, self.source, self.method, self.settings, self.timings = model, source, method, settings, timings
-        self.example = source.example.to(_device(model))
-        self.graph = ChannelGraph(model, self.example, exclude=settings.exclude, include_classifier=settings.include_classifier)
+        self.run, s = run, run.settings
+        self.graph = ChannelGraph(run.model, run.example, exclude=s.exclude, include_classifier=s.include_classifier)
+        self.stats = None
+        self.dloss: dict[str, float] = {}  # predicted loss of the removed units, per group, over rounds
 
-    def scores(self):
-        with _Clock(self.timings, "statistics"):
-            return self.method.channel_scores(self.model, self.graph, _Bound(self.source, self.model, None, ""), self.settings)
+    def _graph(self, current: nn.Module, r: int):
+        from .channels import ChannelGraph
 
-    def run(self, tgt: Target) -> tuple[nn.Module, Plan]:
+        if r == 1:
+            return self.graph
+        s = self.run.settings
+        return ChannelGraph(current, self.run.example, exclude=s.exclude, include_classifier=s.include_classifier)
+
+    def score(self, current: nn.Module, composite: Plan | None, r: int):
+        run = self.run
+        graph = self._graph(current, r)
+        with run.clock("statistics"):
+            cs = run.method.channel_scores(current, graph, _Bound(run.source, current, composite, _suffix(r)), run.settings)
+        return graph, cs
+
+    def select(self, current: nn.Module, scored, target: Target, r: int) -> Plan:
+        run, s = self.run, self.run.settings
+        graph, cs = scored
+        caps = None
+        if r > 1:
+            caps = {n: c[0] for n, c in run.caps_left({g.name: (g.size,) for g in graph.groups},
+                                                       {g.name: (g.size,) for g in self.graph.groups}).items()}
+        removed, summary = graph.select(cs.scores, target, max_layer_ratio=s.layer_ratio(1), tolerance=s.tolerance,
+                                        rank=s.rank, normalize=s.normalize, caps=caps)
+        if run.method.loss_units:
+            for g, idx in removed.items():
+                self.dloss[g] = self.dloss.get(g, 0.0) + float(np.asarray(cs.scores[g])[idx].sum())
+        summary = {**summary, "units_removed": summary["removed_channels"], "units_total": summary["channels"]}
+        return _plan(run.method, target, s, count(current, run.example), summary, removed=removed,
+                     skipped=dict(graph.skipped), input_shape=list(run.example.shape[1:]))
+
+    def apply(self, current: nn.Module, plan: Plan, scored) -> nn.Module:
         from .channels import apply_channels
 
-        cs = self.scores()
-        with _Clock(self.timings, "plan"):
-            plan = self.source.recall_plan("plan")
-            if plan is None:
-                plan = self.select(cs.scores, tgt)
-            model = self.method.compensate(self.model, self.graph, plan.removed, cs.aux, self.settings) if self.method.compensates else self.model
-            pruned = apply_channels(model, self.example, plan.removed)
-            if not plan.channels:
-                plan = dataclasses.replace(plan, channels=self._layers(pruned, plan, cs.scores))
-                self.source.keep_plan("plan", plan)
-            check_counts(pruned, plan, self.example, "channel surgery's model")
-        return pruned, plan
+        graph, cs = scored
+        m = self.run.method
+        source = m.compensate(current, graph, plan.removed, cs.aux, self.run.settings) if m.compensates else current
+        return apply_channels(source, self.run.example, plan.removed)
 
-    def select(self, scores: Mapping[str, np.ndarray], tgt: Target) -> Plan:
-        s = self.settings
-        removed, summary = self.graph.select(scores, tgt, max_layer_ratio=s.layer_ratio(1), tolerance=s.tolerance)
-        base = count(self.model, self.example)
-        summary = {**summary, "units_removed": summary["removed_channels"], "units_total": summary["channels"]}
-        return _plan(self.method, tgt, s, base, summary, removed=removed, skipped=dict(self.graph.skipped),
-                     input_shape=list(self.example.shape[1:]))
+    def compose(self, composite: Plan | None, plan: Plan, r: int) -> Plan:
+        """``plan`` (units of the narrowed groups) on top of ``composite`` (units of the original
+        ones): the kept units keep their order, so narrowed unit i is the i-th kept original unit."""
+        if composite is None:
+            return dataclasses.replace(plan, steps=[_step(1, plan)])
+        removed = {g: list(v) for g, v in composite.removed.items()}
+        for g, idx in plan.removed.items():
+            size = next(x.size for x in self.graph.groups if x.name == g)
+            kept = [u for u in range(size) if u not in set(removed.get(g, []))]
+            removed[g] = sorted(set(removed.get(g, [])) | {kept[i] for i in idx})
+        removed = {x.name: removed[x.name] for x in self.graph.groups if removed.get(x.name)}
+        return dataclasses.replace(plan, removed=removed, base_params=composite.base_params, base_macs=composite.base_macs,
+                                   steps=[*composite.steps, _step(r, plan)])
 
-    def _layers(self, pruned: nn.Module, plan: Plan, scores: Mapping[str, np.ndarray]) -> dict[str, ChannelLayer]:
+    def finish(self, final: nn.Module, composite: Plan) -> Plan:
         """Per Conv/Linear "out" member: channels kept, params and MACs after / before, and on a
-        group's root the predicted loss increase of the channels it lost (loss-unit methods)."""
+        group's root the predicted loss increase of the channels the group lost (loss-unit
+        methods; ``None`` elsewhere)."""
         from .channels import channel_layer_fractions
 
-        before, after = layer_counts(self.model, self.example), layer_counts(pruned, self.example)
-        out = {}
-        for name, (kept, total) in channel_layer_fractions(self.graph, plan.removed).items():
-            dl = None
-            if self.method.loss_units and name in scores:
-                dl = float(np.asarray(scores[name])[plan.removed.get(name, [])].sum())
-            out[name] = ChannelLayer(kept, total, after[name].params, before[name].params, after[name].macs,
-                                     before[name].macs, dl)
-        return out
+        if composite.channels:  # a plan an earlier run finished
+            return composite
+        ex = self.run.example
+        before, after = layer_counts(self.run.model, ex), layer_counts(final, ex)
+        roots = {g.name for g in self.graph.groups} if self.run.method.loss_units else set()
+        layers = {}
+        for name, (kept, total) in channel_layer_fractions(self.graph, composite.removed).items():
+            layers[name] = ChannelLayer(kept, total, after[name].params, before[name].params, after[name].macs,
+                                        before[name].macs, self.dloss.get(name, 0.0) if name in roots else None)
+        return dataclasses.replace(composite, channels=layers)
+
+
+def _step(r: int, plan: Plan) -> dict:
+    return {"round": r, "target": plan.target, "summary": dataclasses.asdict(plan.summary)}
 
 
 def _plan(method: Method, target: Target, settings: PruneSettings, base, summary: dict, **payload) -> Plan:

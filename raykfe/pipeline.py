@@ -37,6 +37,7 @@ from .methods import get_method
 from .methods.eigendamage import LayerScores, score_in_basis
 from .models import build_model
 from .plan import Plan
+from .recalibrate import bn_sums
 from .report import job_table, plot_layers
 from .settings import PruneSettings
 from .stages import existing_result, open_stages
@@ -120,6 +121,12 @@ class JobSource:
 
     def keep_round(self, r, plan, state):
         self.store.save(f"round{r}", state, {"plan": plan.to_dict()})
+
+    def bn_sums(self, model, plan, n_batches):
+        """In the driver, over the first ``n_batches`` statistics batches of the training split:
+        a few forward passes cost less than a Ray Train run's start-up (BENCHMARKS.md)."""
+        return bn_sums(model, make_loader(self.job.splits.train, self.job.cfg.stats.batch_size, shuffle=False),
+                       {"batches": n_batches})
 
     def log(self, message):
         self.job.log(message)

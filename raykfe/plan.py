@@ -39,6 +39,11 @@ __all__ = [
     "dense_cost",
     "select",
     "smallest_meeting",
+    "rank_keys",
+    "normalized",
+    "unit_costs",
+    "RANKS",
+    "NORMALIZERS",
     "PLAN_FORMAT",
 ]
 
@@ -302,6 +307,67 @@ def _cap(n: int, ratio: float) -> int:
     return max(0, min(int(math.floor(ratio * n)), n - 1))
 
 
+RANKS = ("cost", "score")
+NORMALIZERS = ("none", "mean")
+
+
+def rank_keys(scores: np.ndarray, cost: float, rank: str) -> np.ndarray:
+    """The key units are sorted by: the predicted loss increase itself (``rank="score"``), or per
+    unit of the target's metric that removing the unit saves (``"cost"``: ``score / cost``)."""
+    if rank not in RANKS:
+        raise ConfigError(f"prune.rank={rank!r} is not known: use 'cost' (loss per MAC / parameter saved) or 'score'")
+    return scores / max(float(cost), 1e-300) if rank == "cost" else scores
+
+
+def normalized(scores: np.ndarray, normalize: str) -> np.ndarray:
+    """Scores divided by their layer's (group's) mean with ``normalize="mean"`` (torch-pruning's
+    default for global pruning), unchanged with ``"none"``."""
+    if normalize not in NORMALIZERS:
+        raise ConfigError(f"prune.normalize={normalize!r} is not known: use 'none' or 'mean'")
+    mean = float(scores.mean()) if scores.size else 0.0
+    return scores / mean if normalize == "mean" and mean > 0 else scores
+
+
+def unit_costs(meta: dict, metric: int) -> tuple[int, int]:
+    """What one output direction (row) and one input direction (column) of a layer save of
+    ``metric`` (0 params, 1 MACs) at the layer's current widths: the three-layer form is bilinear
+    in (r_in, r_out), so removing one unit saves a constant per layer and axis at fixed widths."""
+    d_in, d_out = meta["d_in"], meta["d_out"]
+    full = kfe_cost(meta, d_in, d_out)[metric]
+    return full - kfe_cost(meta, d_in, d_out - 1)[metric], full - kfe_cost(meta, d_in - 1, d_out)[metric]
+
+
+@dataclass
+class _Units:
+    """The eligible units of a selection, sorted by their ranking key: layer, axis and index."""
+
+    layer: np.ndarray
+    axis: np.ndarray
+    index: np.ndarray
+    total: int
+
+
+def _eligible(scores, metas, names, metric, ratio, caps, rank, normalize) -> _Units:
+    """Per layer and axis, the ``cap`` lowest-scored units (``caps[name] = (rows, cols)`` overrides
+    ``ratio``), all sorted by :func:`rank_keys` (ties: layer, axis, index, in that order)."""
+    keys, layer, axis, index, total = [], [], [], [], 0
+    for li, name in enumerate(names):
+        costs = unit_costs(metas[name], metric) if metric is not None else (1, 1)
+        for ax, raw in enumerate(scores[name]):  # axis 0: rows (outputs), 1: columns (inputs)
+            s = normalized(np.asarray(raw, dtype=np.float64), normalize)
+            total += s.size
+            cap = min(int(caps[name][ax]), s.size - 1) if caps and name in caps else _cap(s.size, ratio)
+            order = np.argsort(s, kind="stable")[: max(0, cap)]
+            keys.append(rank_keys(s[order], costs[ax], rank))
+            layer.append(np.full(order.size, li))
+            axis.append(np.full(order.size, ax))
+            index.append(order)
+    if not keys:
+        return _Units(np.zeros(0, int), np.zeros(0, int), np.zeros(0, int), 0)
+    perm = np.argsort(np.concatenate(keys), kind="stable")
+    return _Units(np.concatenate(layer)[perm], np.concatenate(axis)[perm], np.concatenate(index)[perm], total)
+
+
 def select(
     scores: dict[str, tuple[np.ndarray, np.ndarray]],
     metas: dict[str, dict],
@@ -312,65 +378,43 @@ def select(
     max_layer_ratio: float = 0.95,
     tolerance: float = 0.02,
     entry_scores: dict[str, np.ndarray] | None = None,
+    rank: str = "score",
+    normalize: str = "none",
+    caps: dict[str, tuple[int, int]] | None = None,
 ) -> tuple[dict[str, LayerPlan], dict]:
     """Choose the units to remove for ``target``.
 
     ``scores[name] = (row_scores [d_out], col_scores [d_in])``; ``metas[name]`` is the layer's
     geometry. ``base_params``/``base_macs`` count the WHOLE model (all layers, pruned or not).
-    The k lowest-scored eligible units go, with k the smallest count whose reduction is at or
-    above the target (never below it). ``tolerance`` only sets the summary's ``within_tolerance``
-    flag (``achieved - target <= tolerance``: the granularity overshot by at most that much).
-    Returns the layer plans and a summary ``{target, achieved, within_tolerance, units_removed,
-    units_total, params, macs}``.
+    Units are ranked by ``rank`` (:func:`rank_keys`, after :func:`normalized`); the k first
+    eligible units go, with k the smallest count whose reduction is at or above the target (never
+    below it). ``tolerance`` only sets the summary's ``within_tolerance`` flag (``achieved -
+    target <= tolerance``: the granularity overshot by at most that much). Returns the layer plans
+    and a summary ``{target, achieved, within_tolerance, units_removed, units_total, params, macs}``.
     """
     tgt = parse_target(target)
     if not (0.0 < max_layer_ratio <= 1.0):
         raise ConfigError(f"prune.max_layer_ratio={max_layer_ratio} must be in (0, 1]")
     metric = 1 if tgt.kind == "flops" else 0  # index into (params, macs)
     names = list(scores)
-
-    # eligible units: per layer and axis, the `cap` lowest-scored ones
-    unit_score, unit_layer, unit_axis, unit_idx = [], [], [], []
-    total_units = 0
-    for li, name in enumerate(names):
-        for axis, s in enumerate(scores[name]):  # axis 0: rows (outputs), 1: columns (inputs)
-            s = np.asarray(s, dtype=np.float64)
-            total_units += s.size
-            order = np.argsort(s, kind="stable")[: _cap(s.size, max_layer_ratio)]
-            unit_score.append(s[order])
-            unit_layer.append(np.full(order.size, li))
-            unit_axis.append(np.full(order.size, axis))
-            unit_idx.append(order)
-    us = np.concatenate(unit_score) if unit_score else np.zeros(0)
-    order = np.argsort(us, kind="stable")
-    ul = np.concatenate(unit_layer)[order] if unit_layer else np.zeros(0, int)
-    ua = np.concatenate(unit_axis)[order] if unit_axis else np.zeros(0, int)
-    ui = np.concatenate(unit_idx)[order] if unit_idx else np.zeros(0, int)
-    n_eligible = us.size
-
+    units = _eligible(scores, metas, names, None if tgt.kind == "directions" else metric, max_layer_ratio, caps, rank,
+                      normalize)
     dense = {n: dense_cost(metas[n]) for n in names}
-    dense_total = np.array([sum(dense[n][i] for n in names) for i in range(2)], dtype=np.int64)
     base = np.array([base_params, base_macs], dtype=np.int64)
-    other = base - dense_total  # everything that is not a pruned layer
-
-    def removed_counts(k: int) -> np.ndarray:
-        """[layer, axis] numbers of removed units when the k lowest eligible units go."""
-        c = np.zeros((len(names), 2), dtype=np.int64)
-        np.add.at(c, (ul[:k], ua[:k]), 1)
-        return c
+    other = base - np.array([sum(dense[n][i] for n in names) for i in range(2)], dtype=np.int64)  # not pruned layers
 
     def layer_choice(name: str, r_in: int, r_out: int) -> tuple[str, tuple[int, int]]:
         kfe = kfe_cost(metas[name], r_in, r_out)
         return ("kfe", kfe) if kfe[metric] < dense[name][metric] else ("dense", dense[name])
 
     def outcome(k: int) -> tuple[np.ndarray, int]:
-        """(params, MACs) of the whole model and the directions really removed when the k lowest
+        """(params, MACs) of the whole model and the directions really removed when the k first
         eligible units go (a layer left dense keeps all of its own directions)."""
-        c = removed_counts(k)
+        c = np.zeros((len(names), 2), dtype=np.int64)
+        np.add.at(c, (units.layer[:k], units.axis[:k]), 1)
         tot, gone = other.copy(), 0
         for li, name in enumerate(names):
-            m = metas[name]
-            action, cost = layer_choice(name, m["d_in"] - c[li, 1], m["d_out"] - c[li, 0])
+            action, cost = layer_choice(name, metas[name]["d_in"] - c[li, 1], metas[name]["d_out"] - c[li, 0])
             tot += np.array(cost, dtype=np.int64)
             gone += int(c[li].sum()) if action == "kfe" else 0
         return tot, gone
@@ -379,57 +423,50 @@ def select(
         """Monotone non-decreasing in k: more removed units never make a layer larger."""
         tot, gone = outcome(k)
         if tgt.kind == "directions":
-            return gone / total_units if total_units else 0.0
+            return gone / units.total if units.total else 0.0
         return 1.0 - tot[metric] / base[metric]
 
-    best = reduction(n_eligible)
+    n = units.layer.size
+    best = reduction(n)
     if best < tgt.fraction - 1e-12:
         raise ConfigError(
             f"target {tgt} is unreachable: at most {best:.3f} with prune.max_layer_ratio={max_layer_ratio}"
             " and the layers that can be pruned; lower the target, raise prune.max_layer_ratio"
             " or set prune.include_classifier=true"
         )
-    k = smallest_meeting(reduction, n_eligible, tgt.fraction)  # a target is met, never undershot
-    achieved = reduction(k)
-
-    removed = {n: ([], []) for n in names}
-    for li, ax, idx in zip(ul[:k], ua[:k], ui[:k]):
+    k = smallest_meeting(reduction, n, tgt.fraction)  # a target is met, never undershot
+    removed = {nm: ([], []) for nm in names}
+    for li, ax, idx in zip(units.layer[:k], units.axis[:k], units.index[:k]):
         removed[names[li]][ax].append(int(idx))
-    plans: dict[str, LayerPlan] = {}
-    for name in names:
-        m = metas[name]
-        rows_out, cols_out = set(removed[name][0]), set(removed[name][1])
-        keep_out = [i for i in range(m["d_out"]) if i not in rows_out]
-        keep_in = [j for j in range(m["d_in"]) if j not in cols_out]
-        action, cost = layer_choice(name, len(keep_in), len(keep_out))
-        reason = ""
-        if action == "dense":
-            keep_out, keep_in = list(range(m["d_out"])), list(range(m["d_in"]))
-            reason = "nothing removed" if not (rows_out or cols_out) else "three-layer form not smaller"
-        dl = 0.0
-        if action == "kfe":
-            if entry_scores is not None:
-                e = entry_scores[name]
-                gone = np.zeros(e.shape, dtype=bool)
-                gone[sorted(rows_out), :] = True
-                gone[:, sorted(cols_out)] = True
-                dl = float(e[gone].sum())  # every entry in a removed row or column, once
-            else:  # upper bound: overlaps of removed rows and columns counted twice
-                dl = float(np.asarray(scores[name][0])[sorted(rows_out)].sum() + np.asarray(scores[name][1])[sorted(cols_out)].sum())
-        plans[name] = LayerPlan(
-            name=name, action=action, kind=m["kind"], mode=m["mode"], fold_bias=m["fold_bias"],
-            has_bias=m["has_bias"], d_in=m["d_in"], d_out=m["d_out"], keep_in=keep_in, keep_out=keep_out,
-            params=int(cost[0]), macs=int(cost[1]), dense_params=int(dense[name][0]),
-            dense_macs=int(dense[name][1]), predicted_dloss=dl, reason=reason,
-        )
-    tot, gone = outcome(k)
-    summary = {
-        "target": str(tgt),
-        "achieved": float(achieved),
-        "within_tolerance": bool(achieved - tgt.fraction <= tolerance),
-        "units_removed": int(gone),
-        "units_total": int(total_units),
-        "params": int(tot[0]),
-        "macs": int(tot[1]),
-    }
+    plans = {nm: _layer_plan(nm, metas[nm], removed[nm], layer_choice, dense[nm], scores[nm],
+                             None if entry_scores is None else entry_scores[nm]) for nm in names}
+    achieved, (tot, gone) = reduction(k), outcome(k)
+    summary = {"target": str(tgt), "achieved": float(achieved), "within_tolerance": bool(achieved - tgt.fraction <= tolerance),
+               "units_removed": int(gone), "units_total": int(units.total), "params": int(tot[0]), "macs": int(tot[1])}
     return plans, summary
+
+
+def _layer_plan(name: str, m: dict, removed: tuple[list, list], layer_choice, dense: tuple[int, int], scores,
+                entries: np.ndarray | None) -> LayerPlan:
+    """One layer's plan from its removed rows and columns (dense when its three-layer form is not
+    smaller), with the predicted loss increase of what it loses."""
+    rows_out, cols_out = set(removed[0]), set(removed[1])
+    keep_out = [i for i in range(m["d_out"]) if i not in rows_out]
+    keep_in = [j for j in range(m["d_in"]) if j not in cols_out]
+    action, cost = layer_choice(name, len(keep_in), len(keep_out))
+    reason, dl = "", 0.0
+    if action == "dense":
+        keep_out, keep_in = list(range(m["d_out"])), list(range(m["d_in"]))
+        reason = "nothing removed" if not (rows_out or cols_out) else "three-layer form not smaller"
+    elif entries is not None:
+        gone = np.zeros(entries.shape, dtype=bool)
+        gone[sorted(rows_out), :] = True
+        gone[:, sorted(cols_out)] = True
+        dl = float(entries[gone].sum())  # every entry in a removed row or column, once
+    else:  # upper bound: overlaps of removed rows and columns counted twice
+        dl = float(np.asarray(scores[0])[sorted(rows_out)].sum() + np.asarray(scores[1])[sorted(cols_out)].sum())
+    return LayerPlan(
+        name=name, action=action, kind=m["kind"], mode=m["mode"], fold_bias=m["fold_bias"], has_bias=m["has_bias"],
+        d_in=m["d_in"], d_out=m["d_out"], keep_in=keep_in, keep_out=keep_out, params=int(cost[0]), macs=int(cost[1]),
+        dense_params=int(dense[0]), dense_macs=int(dense[1]), predicted_dloss=dl, reason=reason,
+    )

@@ -46,6 +46,13 @@ class PruneSettings:
     * ``damping``: relative Tikhonov damping of the K-FAC inverses (c-obs, kron-obs);
     * ``rounds``: prune / fine-tune rounds (``None``: the method's own, 3 for eigendamage-iterative);
     * ``round_epochs``: fine-tuning epochs between rounds (a job's ``finetune.epochs`` when None);
+    * ``steps``: a one-shot method reaches the target in this many prune steps, the statistics
+      re-collected on the partly pruned model between them, nothing trained (ALGORITHMS.md s. 10);
+    * ``recalibrate_batches``: BatchNorm running statistics re-estimated from this many batches
+      after every step's surgery (:mod:`raykfe.recalibrate`); 0 turns it off;
+    * ``rank``: units ranked by predicted loss increase per unit of the target's metric saved
+      (``"cost"``) or by predicted loss increase alone (``"score"``);
+    * ``normalize``: ``"mean"`` divides each layer's (group's) scores by their mean before ranking;
     * ``progress``: progress bars on the statistics passes.
     """
 
@@ -62,6 +69,10 @@ class PruneSettings:
     damping: float = 1e-3
     rounds: int | None = None
     round_epochs: int | None = None
+    steps: int = 1
+    recalibrate_batches: int = 10
+    rank: str = "score"
+    normalize: str = "none"
     progress: bool = False
 
     def __post_init__(self) -> None:
@@ -79,6 +90,10 @@ class PruneSettings:
             ("damping", math.isfinite(self.damping) and self.damping > 0, "use a small positive damping, e.g. 1e-3"),
             ("rounds", self.rounds is None or self.rounds >= 1, "use 1 or more rounds, or None"),
             ("round_epochs", self.round_epochs is None or self.round_epochs >= 0, "use 0 or more epochs, or None"),
+            ("steps", self.steps >= 1, "use 1 (one shot) or more steps"),
+            ("recalibrate_batches", self.recalibrate_batches >= 0, "use 0 (off) or a number of batches, e.g. 10"),
+            ("rank", self.rank in ("cost", "score"), "use 'cost' (loss per MAC / parameter saved) or 'score'"),
+            ("normalize", self.normalize in ("none", "mean"), "use 'none' or 'mean'"),
         ]
         for key, ok, fix in checks:
             if not ok:
@@ -110,5 +125,6 @@ class PruneSettings:
             include_classifier=p.include_classifier, exclude=tuple(p.exclude), tolerance=p.tolerance,
             freeze_rotations=p.freeze_rotations, seed=cfg.seed, max_batches=s.max_batches,
             max_factor_dim=s.max_factor_dim, damping=p.damping, rounds=p.rounds, round_epochs=p.round_epochs,
+            steps=p.steps, recalibrate_batches=p.recalibrate_batches, rank=p.rank, normalize=p.normalize,
             progress=cfg.progress,
         )

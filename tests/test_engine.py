@@ -102,3 +102,60 @@ def test_api_refuses_unknown_options_and_jobs_only_methods():
         raykfe.prune(model, batches, method="slimming")
     with pytest.raises(raykfe.ConfigError, match="eigen-directions"):
         raykfe.prune(model, batches, method="l1", target="directions:0.3")
+
+
+# ------------------------------------------------------------------------------------------------
+# multi-step one-shot pruning
+# ------------------------------------------------------------------------------------------------
+
+
+def _tiny_batches(n=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(16, 3, 16, 16, generator=g), torch.randint(0, 10, (16,), generator=g)) for _ in range(n)]
+
+
+@pytest.mark.parametrize("method", ["eigendamage", "kron-obs"])
+def test_steps_reach_the_target_and_the_composite_plan_rebuilds_the_model(tmp_path, method):
+    """``steps=3`` prunes the partly pruned model three times (statistics re-collected, nothing
+    trained): the final reduction is at or above the target, the composite plan (relative to the
+    original model) rebuilds exactly the stepped model, and no layer loses more than the cap of
+    its ORIGINAL units over all steps."""
+    torch.manual_seed(0)
+    model = build_model("resnet8", 10).eval()
+    batches = _tiny_batches()
+    x = batches[0][0][:1]
+    res = raykfe.prune(model, batches, method=method, target="flops:0.6", steps=3, max_layer_ratio=0.8)
+    base, new = raykfe.count(model, x), raykfe.count(res.model, x)
+    achieved = 1 - new.macs / base.macs
+    assert 0.6 <= achieved <= 0.62 and res.plan.summary.achieved == pytest.approx(achieved)
+    assert [s["round"] for s in res.plan.steps] == [1, 2, 3]
+    assert (res.plan.params, res.plan.macs) == (new.params, new.macs)
+    if res.plan.space == "kfe":
+        for lp in res.plan.layers.values():
+            assert lp.d_out - lp.r_out <= int(0.8 * lp.d_out) and lp.d_in - lp.r_in <= int(0.8 * lp.d_in)
+    else:
+        for c in res.plan.channels.values():
+            assert c.total - c.kept <= int(0.8 * c.total)
+    back = raykfe.load(raykfe.save(res, str(tmp_path / "r")), model=model)
+    with torch.no_grad():
+        torch.testing.assert_close(back.model(batches[1][0]), res.model.eval()(batches[1][0]), rtol=1e-5, atol=1e-5)
+
+
+class _DiesInStepTwo(__import__("raykfe.backend", fromlist=["LocalBackend"]).LocalBackend):
+    def kfac(self, recipe, state, layers, conv_mode):
+        if recipe.plan is not None:  # statistics of the partly pruned model: step 2
+            raise KeyboardInterrupt
+        return super().kfac(recipe, state, layers, conv_mode)
+
+
+def test_a_job_in_steps_resumes_from_its_finished_steps(tmp_path):
+    overrides = ["model.name=vgg_tiny", "data.image_size=8", "base.epochs=1", "finetune.epochs=0", "stats.max_batches=2",
+                 "stats.batch_size=32", "progress=false", "runtime=local", "latency.repeats=0", "prune.steps=2",
+                 "prune.target=flops:0.6"]
+    cfg = load_config("jobs/digits.yaml", [*overrides, f"output.uri={tmp_path / 'a'}"])
+    with pytest.raises(KeyboardInterrupt):
+        run_job(cfg, _DiesInStepTwo(), log=lambda m: None)
+    job = run_job(cfg, log=lambda m: None)
+    assert job.metrics["reused_stages"][:4] == ["base", "statistics", "eigen", "plan"]
+    again = run_job(load_config("jobs/digits.yaml", [*overrides, f"output.uri={tmp_path / 'b'}"]), log=lambda m: None)
+    assert job.result.plan.layers == again.result.plan.layers and job.metrics["macs_reduction"] >= 0.6
