@@ -37,7 +37,8 @@ from .errors import ConfigError, NumericalError
 from .factors import INDEX_RANGES, LayerStats
 from .layers import Adapter, make_adapter, positions, unsupported_reason
 
-__all__ = ["collect_factors", "find_layers", "trace_layers", "prunable_layers", "layer_metas", "LayerGeometry", "FISHER_TYPES"]
+__all__ = ["collect_factors", "find_layers", "trace_layers", "prunable_layers", "layer_metas", "LayerGeometry", "FISHER_TYPES",
+           "StatisticsPass", "fisher_labels"]
 
 FISHER_TYPES = ("true", "empirical")
 
@@ -151,6 +152,87 @@ def _layer_meta(adapter: Adapter, geo: LayerGeometry) -> dict:
     }
 
 
+class StatisticsPass:
+    """What every statistics pass shares (K-FAC factors here, the diagonal Fisher in
+    :mod:`raykfe.methods.obs`, SOSP's sums in :mod:`raykfe.methods.sosp`), as a context manager:
+
+    * on entry the model goes to eval mode (BatchNorm uses its running statistics), every
+      parameter's ``requires_grad`` and ``.grad`` are saved, and ``hooks`` (``{module: forward
+      hook}``) are attached;
+    * :meth:`batches` yields ``(x, y, idx)`` from ``(x, y)`` or ``(x, y, idx)`` batches, ``x`` on
+      the model's device, stopping after ``max_batches``, with a progress bar when asked; ``idx``
+      is the examples' global indices (given, or ``first_index`` + the position in the stream, in
+      which case :attr:`implicit_range` says which indices were used);
+    * on exit the hooks are removed and the mode, flags and grads restored, whatever happened.
+    """
+
+    def __init__(self, model: nn.Module, desc: str, *, hooks: dict | None = None, max_batches: int | None = None,
+                 progress: bool = False, first_index: int = 0) -> None:
+        if max_batches is not None and max_batches < 1:
+            raise ConfigError(f"max_batches={max_batches} must be a positive integer (or None for all batches)")
+        self.model, self.desc, self.hooks = model, desc, dict(hooks or {})
+        self.max_batches, self.progress = max_batches, progress
+        self.first_index = self.position = _check_first_index(first_index)
+        self.implicit, self.seen = False, 0
+        self.device = next((p.device for p in model.parameters()), torch.device("cpu"))
+
+    def __enter__(self) -> "StatisticsPass":
+        self.saved = [(p, p.requires_grad, p.grad) for p in self.model.parameters()]
+        self.was_training = self.model.training
+        self.model.eval()
+        self.handles = [m.register_forward_hook(h) for m, h in self.hooks.items()]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self.handles:
+            h.remove()
+        for p, flag, grad in self.saved:
+            p.requires_grad_(flag)
+            p.grad = grad
+        self.model.train(self.was_training)
+
+    def restore_flags(self) -> None:
+        """Give the parameters back their own ``requires_grad`` (inside the pass)."""
+        for p, flag, _ in self.saved:
+            p.requires_grad_(flag)
+
+    def batches(self, batches: Iterable):
+        iterator = batches
+        if self.progress:
+            from tqdm.auto import tqdm
+
+            iterator = tqdm(batches, desc=self.desc, total=self.max_batches, leave=False)
+        for b, batch in enumerate(iterator):
+            if self.max_batches is not None and b >= self.max_batches:
+                break
+            x, y = batch[0], batch[1]
+            n = x.shape[0]
+            idx = batch[2] if len(batch) > 2 else torch.arange(self.position, self.position + n)
+            self.implicit = self.implicit or len(batch) <= 2
+            self.position += n
+            self.seen += n
+            yield x.to(self.device), y, idx
+
+    @property
+    def implicit_range(self) -> list[list[int]] | None:
+        """``[[start, stop)]`` of the positional indices used, when some batch had none."""
+        return [[self.first_index, self.position]] if self.implicit else None
+
+
+def fisher_labels(logits: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, fisher: str, seed: int) -> torch.Tensor:
+    """The labels of the Fisher's loss: sampled per example index (``"true"``) or the data's."""
+    if logits.dim() != 2:
+        raise ConfigError(f"the model's output has shape {tuple(logits.shape)}: raykfe expects logits [N, classes]")
+    if fisher == "true":
+        return sample_labels(logits.detach(), idx, seed).to(logits.device)
+    return y.to(logits.device)
+
+
+def _check_fisher(fisher: str) -> None:
+    if fisher not in FISHER_TYPES:
+        raise ConfigError(f"fisher={fisher!r} is not known: use 'true' (sampled labels) or 'empirical'")
+
+
 def collect_factors(
     model: nn.Module,
     batches: Iterable,
@@ -173,11 +255,42 @@ def collect_factors(
     left as they were. ``batches`` yields ``(x, y)`` or ``(x, y, idx)`` (idx: global example
     indices, which pick each example's label draw); without idx the index of an example is
     ``first_index`` + its position in the stream: a shard of a larger data set collected by hand
-    passes its offset there (see the module docstring).
+    passes its offset there (see the module docstring). ``device``: where the inputs go (default:
+    the model's).
     """
-    if fisher not in FISHER_TYPES:
-        raise ConfigError(f"fisher={fisher!r} is not known: use 'true' (sampled labels) or 'empirical'")
-    first_index = _check_first_index(first_index)
+    _check_fisher(fisher)
+    adapters = _factor_layers(model, conv_mode, layers, max_factor_dim)
+    stats: dict[str, LayerStats] = {}
+    calls: dict[str, int] = {}
+    hooks = {a.module: _factor_hook(n, a, stats, calls) for n, a in adapters.items()}
+    with StatisticsPass(model, "statistics", hooks=hooks, max_batches=max_batches, progress=progress,
+                        first_index=first_index) as run:
+        if device is not None:
+            run.device = torch.device(device)
+        for p, _, _ in run.saved:
+            p.requires_grad_(False)  # activation gradients only: the pass costs less than a training step
+        for x, y, idx in run.batches(batches):
+            if x.is_floating_point():
+                x = x.detach().requires_grad_(True)
+            else:  # integer inputs (token ids) cannot carry grad: let the parameters do it
+                run.restore_flags()
+            calls.clear()
+            with torch.enable_grad():
+                logits = model(x)
+                F.cross_entropy(logits, fisher_labels(logits, y, idx, fisher, seed), reduction="sum").backward()
+            for st in stats.values():
+                st.count += x.shape[0]
+    if not stats:
+        raise ConfigError("no batch was seen: the data given for statistics is empty")
+    _check_finite(stats)
+    if run.implicit and fisher == "true":  # the labels were drawn by position: say which positions
+        for st in stats.values():
+            st.meta[INDEX_RANGES] = run.implicit_range
+    # layers the forward pass never reached have no statistics and are not returned
+    return {n: stats[n] for n in adapters if n in stats}
+
+
+def _factor_layers(model: nn.Module, conv_mode: str, layers, max_factor_dim) -> dict[str, Adapter]:
     adapters, _ = find_layers(model, conv_mode, None if layers is not None else max_factor_dim)
     if layers is not None:
         wanted = list(layers)
@@ -187,112 +300,59 @@ def collect_factors(
         adapters = {n: adapters[n] for n in wanted}
     if not adapters:
         raise ConfigError("the model has no prunable layer (Linear or Conv2d with groups=1): nothing to collect")
-    if device is None:
-        device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    position = first_index
-    implicit = False  # some batch had no idx: its examples were indexed by position
+    return adapters
 
-    stats: dict[str, LayerStats] = {}
-    geometry: dict[str, LayerGeometry] = {}
-    state = {"calls": {}}
 
-    def fwd_hook(name: str, adapter: Adapter):
-        def hook(mod, inputs, output):
-            x = inputs[0]
-            if name not in stats:
-                geo = LayerGeometry(tuple(x.shape[1:]), tuple(output.shape[1:]))
-                geometry[name] = geo
-                stats[name] = LayerStats.zeros(adapter.d_in, adapter.d_out, _layer_meta(adapter, geo), device=x.device)
-            state["calls"][name] = state["calls"].get(name, 0) + 1
-            if state["calls"][name] > 1:
-                raise ConfigError(
-                    f"layer {name!r} is called more than once per forward (shared weights): "
-                    "exclude it with prune.exclude or use a model without weight sharing"
-                )
-            # finiteness at the cost of two scalars, not of extra passes over every activation: the
-            # batch's A has the squared inputs on its diagonal, and a sum is NaN/Inf when any term is
-            a = adapter.a_sum(x)
-            if not bool(torch.isfinite(a.diagonal().sum())):
-                raise NumericalError(
-                    f"layer {name!r} receives NaN/Inf inputs in the K-FAC statistics pass: the data or the layers "
-                    "before it are not finite (check the input data and model.weights, e.g. BatchNorm statistics)"
-                )
-            if not bool(torch.isfinite(output.detach().sum())):
-                raise NumericalError(
-                    f"layer {name!r} gives NaN/Inf outputs from finite inputs in the K-FAC statistics pass: its "
-                    "weights are not finite or too large (check model.weights, or lower the learning rate that trained it)"
-                )
-            st = stats[name]
-            st.A_sum += a.to(torch.float64)
-            if output.requires_grad:
+def _factor_hook(name: str, adapter: Adapter, stats: dict[str, LayerStats], calls: dict[str, int]):
+    """The forward hook of one layer: adds the batch's ``A`` sum and registers a tensor hook on the
+    output that adds its ``S`` sum (tensor hooks survive in-place activations)."""
 
-                def grad_hook(g: torch.Tensor) -> None:  # must return None: the grad is unchanged
-                    st.S_sum.add_(adapter.s_sum(g).to(torch.float64))
+    def hook(mod, inputs, output):
+        x = inputs[0]
+        if name not in stats:
+            geo = LayerGeometry(tuple(x.shape[1:]), tuple(output.shape[1:]))
+            stats[name] = LayerStats.zeros(adapter.d_in, adapter.d_out, _layer_meta(adapter, geo), device=x.device)
+        calls[name] = calls.get(name, 0) + 1
+        if calls[name] > 1:
+            raise ConfigError(
+                f"layer {name!r} is called more than once per forward (shared weights): "
+                "exclude it with prune.exclude or use a model without weight sharing"
+            )
+        # finiteness at the cost of two scalars, not of extra passes over every activation: the
+        # batch's A has the squared inputs on its diagonal, and a sum is NaN/Inf when any term is
+        a = adapter.a_sum(x)
+        if not bool(torch.isfinite(a.diagonal().sum())):
+            raise NumericalError(
+                f"layer {name!r} receives NaN/Inf inputs in the K-FAC statistics pass: the data or the layers "
+                "before it are not finite (check the input data and model.weights, e.g. BatchNorm statistics)"
+            )
+        if not bool(torch.isfinite(output.detach().sum())):
+            raise NumericalError(
+                f"layer {name!r} gives NaN/Inf outputs from finite inputs in the K-FAC statistics pass: its "
+                "weights are not finite or too large (check model.weights, or lower the learning rate that trained it)"
+            )
+        st = stats[name]
+        st.A_sum += a.to(torch.float64)
+        if output.requires_grad:
 
-                output.register_hook(grad_hook)
-        return hook
+            def grad_hook(g: torch.Tensor) -> None:  # must return None: the grad is unchanged
+                st.S_sum.add_(adapter.s_sum(g).to(torch.float64))
 
-    handles = [a.module.register_forward_hook(fwd_hook(n, a)) for n, a in adapters.items()]
-    flags = {p: p.requires_grad for p in model.parameters()}
-    was_training = model.training
-    model.eval()
-    iterator = batches
-    if progress:
-        from tqdm.auto import tqdm
+            output.register_hook(grad_hook)
 
-        iterator = tqdm(batches, desc="statistics", total=max_batches, leave=False)
-    try:
-        for p in flags:
-            p.requires_grad_(False)
-        for b, batch in enumerate(iterator):
-            if max_batches is not None and b >= max_batches:
-                break
-            x, y = batch[0], batch[1]
-            n = x.shape[0]
-            idx = batch[2] if len(batch) > 2 else torch.arange(position, position + n)
-            implicit = implicit or len(batch) <= 2
-            position += n
-            x = x.to(device)
-            if x.is_floating_point():
-                x = x.detach().requires_grad_(True)
-            else:  # integer inputs (token ids) cannot carry grad: let the parameters do it
-                for p, flag in flags.items():
-                    p.requires_grad_(flag)
-            state["calls"] = {}
-            with torch.enable_grad():
-                logits = model(x)
-                if logits.dim() != 2:
-                    raise ConfigError(f"the model's output has shape {tuple(logits.shape)}: raykfe expects logits [N, classes]")
-                if fisher == "true":
-                    y = sample_labels(logits.detach(), idx, seed).to(logits.device)
-                else:
-                    y = y.to(logits.device)
-                loss = F.cross_entropy(logits, y, reduction="sum")
-                loss.backward()
-            for name in stats:
-                stats[name].count += n
-    finally:
-        for h in handles:
-            h.remove()
-        for p, flag in flags.items():
-            p.requires_grad_(flag)
-        model.train(was_training)
-    if not stats:
-        raise ConfigError("no batch was seen: the data given for statistics is empty")
-    for name in adapters:  # never hand on (or store) a factor that is not finite
-        st = stats.get(name)
-        for factor, total in (("A", st.A_sum), ("S", st.S_sum)) if st is not None else ():
+    return hook
+
+
+def _check_finite(stats: dict[str, LayerStats]) -> None:
+    """Never hand on (or store) a factor that is not finite."""
+    for name, st in stats.items():
+        for factor, total in (("A", st.A_sum), ("S", st.S_sum)):
             if not bool(torch.isfinite(total).all()):
                 raise NumericalError(
                     f"factor {factor} of layer {name!r} has {int((~torch.isfinite(total)).sum())} NaN/Inf entries "
                     "after the K-FAC statistics pass: the loss or its gradients overflowed (check model.weights "
                     "and the input data for huge values)"
                 )
-    if implicit and fisher == "true":  # the labels were drawn by position: say which positions
-        for st in stats.values():
-            st.meta[INDEX_RANGES] = [[first_index, position]]
-    # layers the forward pass never reached have no statistics and are not returned
-    return {n: stats[n] for n in adapters if n in stats}
 
 
 def prunable_layers(

@@ -237,15 +237,40 @@ def collect_diag_fisher(
     has an all-zero diagonal. The model is run in eval mode;
     its parameters' ``requires_grad``, ``.grad`` and its train/eval mode are left as they were.
     """
-    from ..capture import FISHER_TYPES, _check_first_index, sample_labels
+    from ..capture import StatisticsPass, _check_fisher, fisher_labels
 
-    if fisher not in FISHER_TYPES:
-        raise ConfigError(f"fisher={fisher!r} is not known: use 'true' (sampled labels) or 'empirical'")
-    first_index = _check_first_index(first_index)
-    if isinstance(layers, str):
-        raise ConfigError(f"layers={layers!r} is a string: pass a list of module names, e.g. layers=[{layers!r}]")
+    _check_fisher(fisher)
     if max_chunk_elems < 1:
         raise ConfigError(f"max_chunk_elems={max_chunk_elems} must be >= 1")
+    modules = _diag_layers(model, layers)
+    sums = {n: {k: torch.zeros(p.shape, dtype=F64, device=p.device) for k, p in (("weight", m.weight), ("bias", m.bias))
+                if p is not None} for n, m in modules.items()}
+    calls: dict[str, int] = {}
+    hooks = {m: _diag_hook(n, sums[n], calls, max_chunk_elems) for n, m in modules.items()}
+    targets = [m.weight for m in modules.values()]
+    with StatisticsPass(model, "Fisher diagonal", hooks=hooks, max_batches=max_batches, progress=progress,
+                        first_index=first_index) as run:
+        # only the listed weights require grad: every listed output then requires grad, and
+        # autograd.grad (not backward) leaves every .grad untouched
+        for p, _, _ in run.saved:
+            p.requires_grad_(False)
+        for w in targets:
+            w.requires_grad_(True)
+        for x, y, idx in run.batches(batches):
+            calls.clear()
+            with torch.enable_grad():
+                logits = model(x)
+                loss = F.cross_entropy(logits, fisher_labels(logits, y, idx, fisher, seed), reduction="sum")
+                if loss.requires_grad:
+                    torch.autograd.grad(loss, targets, allow_unused=True)
+    if not run.seen:
+        raise ConfigError("no batch was seen: the data given for the Fisher diagonal is empty")
+    return DiagFisher(sums, run.seen, run.implicit_range if fisher == "true" else None)
+
+
+def _diag_layers(model: nn.Module, layers: Sequence[str]) -> dict[str, nn.Module]:
+    if isinstance(layers, str):
+        raise ConfigError(f"layers={layers!r} is a string: pass a list of module names, e.g. layers=[{layers!r}]")
     names = list(dict.fromkeys(layers))
     if not names:
         raise ConfigError("layers=[] is empty: list the Linear/Conv2d module names to collect the Fisher diagonal of")
@@ -253,96 +278,35 @@ def collect_diag_fisher(
     bad = [n for n in names if type(modules.get(n)) not in (nn.Linear, nn.Conv2d)]
     if bad:
         raise ConfigError(f"layers {bad} are not nn.Linear/nn.Conv2d modules of the model: list only those")
-    sums = {
-        n: {
-            k: torch.zeros(p.shape, dtype=F64, device=p.device)
-            for k, p in (("weight", modules[n].weight), ("bias", modules[n].bias))
-            if p is not None
-        }
-        for n in names
-    }
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    state: dict = {"inputs": {}, "calls": {}}
+    return {n: modules[n] for n in names}
 
-    def accumulate(name: str, module: nn.Module, x: torch.Tensor, g: torch.Tensor) -> None:
+
+def _diag_hook(name: str, acc: dict[str, torch.Tensor], calls: dict[str, int], max_chunk_elems: int):
+    """The forward hook of one layer: a tensor hook on its output adds the squared per-example
+    gradients of its weight (and bias), a chunk of examples at a time."""
+
+    def accumulate(module: nn.Module, x: torch.Tensor, g: torch.Tensor) -> None:
         dtype = torch.promote_types(g.dtype, torch.float32)
         x, g = x.to(dtype), g.detach().to(dtype)
         chunk = max(1, max_chunk_elems // _example_elems(module, x, g))
-        acc = sums[name]
         for s in range(0, x.shape[0], chunk):
             gw, gb = _per_example_grads(module, x[s : s + chunk], g[s : s + chunk])
             acc["weight"] += gw.to(F64).square().sum(dim=0)
             if gb is not None:
                 acc["bias"] += gb.to(F64).square().sum(dim=0)
 
-    def fwd_hook(name: str):
-        def hook(mod, inputs, output):
-            calls = state["calls"][name] = state["calls"].get(name, 0) + 1
-            if calls > 1:
-                raise ConfigError(
-                    f"layer {name!r} is called more than once per forward (shared weights): "
-                    "its per-example gradient is not one outer product; leave it out of layers"
-                )
-            if not output.requires_grad:
-                return
+    def hook(mod, inputs, output):
+        calls[name] = calls.get(name, 0) + 1
+        if calls[name] > 1:
+            raise ConfigError(
+                f"layer {name!r} is called more than once per forward (shared weights): "
+                "its per-example gradient is not one outer product; leave it out of layers"
+            )
+        if output.requires_grad:
             x = inputs[0].detach()
+            output.register_hook(lambda g: accumulate(mod, x, g))  # returns None: the gradient is unchanged
 
-            def grad_hook(g: torch.Tensor) -> None:  # returns None: the gradient is unchanged
-                accumulate(name, mod, x, g)
-
-            output.register_hook(grad_hook)
-        return hook
-
-    targets = [modules[n].weight for n in names]
-    handles = [modules[n].register_forward_hook(fwd_hook(n)) for n in names]
-    flags = {p: p.requires_grad for p in model.parameters()}
-    was_training = model.training
-    model.eval()
-    iterator = batches
-    if progress:
-        from tqdm.auto import tqdm
-
-        iterator = tqdm(batches, desc="Fisher diagonal", total=max_batches, leave=False)
-    count = 0
-    seen = implicit = False
-    try:
-        # only the listed weights require grad: every listed output then requires grad, and
-        # autograd.grad (not backward) leaves every .grad untouched
-        for p in flags:
-            p.requires_grad_(False)
-        for w in targets:
-            w.requires_grad_(True)
-        for b, batch in enumerate(iterator):
-            if max_batches is not None and b >= max_batches:
-                break
-            seen = True
-            x, y = batch[0], batch[1]
-            n = x.shape[0]
-            idx = batch[2] if len(batch) > 2 else torch.arange(first_index + count, first_index + count + n)
-            implicit = implicit or len(batch) <= 2
-            state["calls"] = {}
-            with torch.enable_grad():
-                logits = model(x.to(device))
-                if logits.dim() != 2:
-                    raise ConfigError(f"the model's output has shape {tuple(logits.shape)}: raykfe expects logits [N, classes]")
-                if fisher == "true":
-                    y = sample_labels(logits.detach(), idx, seed).to(logits.device)
-                else:
-                    y = y.to(logits.device)
-                loss = F.cross_entropy(logits, y, reduction="sum")
-                if loss.requires_grad:
-                    torch.autograd.grad(loss, targets, allow_unused=True)
-            count += n
-    finally:
-        for h in handles:
-            h.remove()
-        for p, flag in flags.items():
-            p.requires_grad_(flag)
-        model.train(was_training)
-    if not seen:
-        raise ConfigError("no batch was seen: the data given for the Fisher diagonal is empty")
-    ranges = [[first_index, first_index + count]] if implicit and fisher == "true" else None
-    return DiagFisher(sums, count, ranges)
+    return hook
 
 
 # ------------------------------------------------------------------------------------------------

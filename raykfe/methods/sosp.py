@@ -91,6 +91,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, jvp, vmap
 
+from ..capture import StatisticsPass
 from ..errors import ConfigError
 from . import ChannelScores, Method, register, register_statistic
 
@@ -276,20 +277,6 @@ class _Functional:
         return f
 
 
-def _batches(batches: Iterable, max_batches: int | None, progress: bool, desc: str):
-    if max_batches is not None and max_batches < 1:
-        raise ConfigError(f"max_batches={max_batches} must be a positive integer (or None for all batches)")
-    iterator = batches
-    if progress:
-        from tqdm.auto import tqdm
-
-        iterator = tqdm(batches, desc=desc, total=max_batches, leave=False)
-    for b, batch in enumerate(iterator):
-        if max_batches is not None and b >= max_batches:
-            break
-        yield batch[0], batch[1]  # a third element (example indices) is not needed here
-
-
 def _targets(logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(p, r)``: softmax and ``dl/dz = p - onehot(y)``, both ``[N, C]`` in the logits' dtype."""
     if logits.dim() != 2:
@@ -311,24 +298,6 @@ def _apply_h(p: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return p * u - p * (p * u).sum(dim=-1, keepdim=True)
 
 
-class _Preserve:
-    """Eval mode for the duration; mode, ``requires_grad`` flags and ``.grad`` restored after."""
-
-    def __init__(self, model: nn.Module):
-        self.model = model
-
-    def __enter__(self) -> None:
-        self.was_training = self.model.training
-        self.state = [(p, p.requires_grad, p.grad) for p in self.model.parameters()]
-        self.model.eval()
-
-    def __exit__(self, *exc) -> None:
-        for p, flag, grad in self.state:
-            p.requires_grad_(flag)
-            p.grad = grad
-        self.model.train(self.was_training)
-
-
 # ---------------------------------------------------------------------------------------- SOSP-H
 
 
@@ -347,15 +316,13 @@ def sosp_h_stats(
     """
     own = _owned(model, owner, None)
     names = list(own)
-    device = next(model.parameters()).device
     grad_sum = {n: torch.zeros(p.shape, dtype=torch.float64, device=p.device) for n, p in model.named_parameters() if n in own}
     gv_sum = {n: torch.zeros_like(t) for n, t in grad_sum.items()}
     count = 0
-    with _Preserve(model):
+    with StatisticsPass(model, "SOSP-H statistics", max_batches=max_batches, progress=progress) as run:
         func = _Functional(model, names)
         theta = tuple(w * _rows(own[n] >= 0, w) for n, w in zip(names, func.primals))
-        for x, y in _batches(batches, max_batches, progress, "SOSP-H statistics"):
-            x = x.to(device)
+        for x, y, _ in run.batches(batches):
             primals = tuple(w.detach().requires_grad_(True) for w in func.primals)  # aliases: .grad stays untouched
             with torch.enable_grad():
                 logits, u = jvp(func.fn(x), primals, theta)
@@ -435,7 +402,7 @@ def sosp_i_stats(
     q_sum = torch.zeros(S, S, dtype=torch.float64, device=device)
     g_sum = torch.zeros(S, dtype=torch.float64, device=device)
     count = 0
-    with _Preserve(model):
+    with StatisticsPass(model, "SOSP-I statistics", max_batches=max_batches, progress=progress) as run:
         func = _Functional(model, names)
         starts = list(range(0, S, chunk))
 
@@ -445,8 +412,7 @@ def sosp_i_stats(
                 _rows(own[n].to(device)[None, :] == ids[:, None], w) * w[None] for n, w in zip(names, func.primals)
             )  # each [k, *param.shape]
 
-        for x, y in _batches(batches, max_batches, progress, "SOSP-I statistics"):
-            x = x.to(device)
+        for x, y, _ in run.batches(batches):
             with torch.no_grad():
                 logits = func.fn(x)(*func.primals)
             p, r = _targets(logits, y)
