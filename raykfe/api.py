@@ -25,6 +25,7 @@ def prune(
     *,
     stats: Mapping[str, LayerStats] | None = None,
     example_input: torch.Tensor | None = None,
+    heldout: Iterable | None = None,
     settings: PruneSettings | None = None,
     **options,
 ) -> PruneResult:
@@ -37,7 +38,8 @@ def prune(
     ``max_batches``, ``max_factor_dim``, ``damping``, ``progress``), or pass ``settings`` whole.
     ``stats`` (from :func:`raykfe.collect_factors`) reuses K-FAC statistics the caller has;
     ``example_input`` is the input MACs are counted for (default: the first example of
-    ``batches``). ``method`` is any name of :data:`raykfe.methods.METHODS` except those that need
+    ``batches``); ``heldout`` batches (not used for statistics) give each step's measured loss
+    increase beside the predicted one (``result.plan.steps``). ``method`` is any name of :data:`raykfe.methods.METHODS` except those that need
     a job's stages (fine-tuning between rounds, sparsity training). The input model is unchanged.
     """
     known = {f.name for f in dataclasses.fields(PruneSettings)}
@@ -45,5 +47,5 @@ def prune(
     if unknown:
         raise ConfigError(f"raykfe.prune got unknown option(s) {unknown}: use fields of PruneSettings ({', '.join(sorted(known))})")
     settings = dataclasses.replace(settings or PruneSettings(), **options)
-    source = BatchSource(batches, settings, example=example_input, stats=stats)
+    source = BatchSource(batches, settings, example=example_input, stats=stats, heldout=heldout)
     return _engine_prune(model, source, method, target, settings, api=True)

@@ -105,6 +105,10 @@ class Source(Protocol):
         """BatchNorm input sums of ``model`` over ``n_batches`` training batches (:mod:`raykfe.recalibrate`)."""
         ...
 
+    def evaluate(self, model: nn.Module) -> dict | None:
+        """``{"loss", "accuracy"}`` of ``model`` on held-out data, or None without any."""
+        ...
+
     def log(self, message: str) -> None: ...
 
 
@@ -125,13 +129,15 @@ class _Bound:
 class BatchSource:
     """Statistics of the caller's ``batches`` (``(x, y)`` or ``(x, y, idx)``), computed in this
     process; nothing is cached and nothing is trained. ``stats``: K-FAC statistics the caller
-    already has (:func:`raykfe.collect_factors`), used for the first KFE pass."""
+    already has (:func:`raykfe.collect_factors`), used for the first KFE pass; ``heldout``:
+    batches the steps' measured loss increase is evaluated on (none: not measured)."""
 
     def __init__(self, batches: Iterable, settings: PruneSettings, *, example: torch.Tensor | None = None,
-                 stats: Mapping[str, LayerStats] | None = None) -> None:
+                 stats: Mapping[str, LayerStats] | None = None, heldout: Iterable | None = None) -> None:
         if iter(batches) is batches:  # a one-shot iterator: keep what the passes may read again
             batches = list(itertools.islice(batches, settings.max_batches) if settings.max_batches else batches)
         self.batches, self.settings, self.stats = batches, settings, stats
+        self.heldout = list(heldout) if heldout is not None else None
         if example is None:
             first = next(iter(batches), None)
             if first is None:
@@ -174,6 +180,11 @@ class BatchSource:
 
     def bn_sums(self, model, plan, n_batches):
         return bn_sums(model, self.batches, {"batches": n_batches})
+
+    def evaluate(self, model):
+        from .finetune import evaluate
+
+        return evaluate(model, self.heldout, device=_device(model)) if self.heldout else None
 
     def log(self, message):
         pass
@@ -284,12 +295,15 @@ class _Run:
         current, composite, R = self.model, None, self.rounds
         metric = "macs" if tgt.kind == "flops" else "params"
         base_cost = getattr(count(self.model, self.example), metric)
+        before = self.base_quality = self.source.evaluate(self.model)
+        steps: list[dict] = []
         for r in range(1, R + 1):
             done = self.source.recall_round(r) if r < R and self.iterative else None
             if done is not None:  # pruned and fine-tuned by an earlier run
                 composite, state = done
                 current = rebuild(self.model, composite)
                 current.load_state_dict(state)
+                steps, before = list(composite.steps), None
                 continue
             scored = self.space.score(current, composite, r)
             with self.clock("plan"):
@@ -302,8 +316,14 @@ class _Run:
                 composite = plan_r if R == 1 else self.space.compose(composite, plan_r, r)
                 check_counts(new, composite, self.example, f"round {r}'s model" if R > 1 else "the rebuilt model")
             self._recalibrate(new, composite)
+            after = self.source.evaluate(new)
+            steps.append(_step(r, plan_r, self.space.predicted(plan_r, scored), before, after))
+            composite = dataclasses.replace(composite, steps=list(steps))
             if r < R and self.iterative:
                 self._train(new, composite, r, base_cost, metric)
+                before = self.source.evaluate(new)
+            else:
+                before = after
             current = new
         composite = self.space.finish(current, composite)
         if R > 1:
@@ -377,6 +397,10 @@ class _KfeSpace:
     def compose(self, composite: Plan | None, plan: Plan, r: int) -> Plan:
         return compose_plan(composite, plan, self.metas, r)
 
+    def predicted(self, plan: Plan, scored) -> float:
+        """The loss increase the round's plan predicts: every removed entry of every layer, once."""
+        return float(sum(lp.predicted_dloss for lp in plan.layers.values() if lp.action == "kfe"))
+
     def finish(self, final: nn.Module, composite: Plan) -> Plan:
         return composite
 
@@ -432,19 +456,25 @@ class _ChannelSpace:
         source = m.compensate(current, graph, plan.removed, cs.aux, self.run.settings) if m.compensates else current
         return apply_channels(source, self.run.example, plan.removed)
 
+    def predicted(self, plan: Plan, scored) -> float | None:
+        """The sum of the removed channels' scores (None when they are not in loss units)."""
+        if not self.run.method.loss_units:
+            return None
+        scores = scored[1].scores
+        return float(sum(np.asarray(scores[g])[idx].sum() for g, idx in plan.removed.items()))
+
     def compose(self, composite: Plan | None, plan: Plan, r: int) -> Plan:
         """``plan`` (units of the narrowed groups) on top of ``composite`` (units of the original
         ones): the kept units keep their order, so narrowed unit i is the i-th kept original unit."""
         if composite is None:
-            return dataclasses.replace(plan, steps=[_step(1, plan)])
+            return plan
         removed = {g: list(v) for g, v in composite.removed.items()}
         for g, idx in plan.removed.items():
             size = next(x.size for x in self.graph.groups if x.name == g)
             kept = [u for u in range(size) if u not in set(removed.get(g, []))]
             removed[g] = sorted(set(removed.get(g, [])) | {kept[i] for i in idx})
         removed = {x.name: removed[x.name] for x in self.graph.groups if removed.get(x.name)}
-        return dataclasses.replace(plan, removed=removed, base_params=composite.base_params, base_macs=composite.base_macs,
-                                   steps=[*composite.steps, _step(r, plan)])
+        return dataclasses.replace(plan, removed=removed, base_params=composite.base_params, base_macs=composite.base_macs)
 
     def finish(self, final: nn.Module, composite: Plan) -> Plan:
         """Per Conv/Linear "out" member: channels kept, params and MACs after / before, and on a
@@ -464,8 +494,16 @@ class _ChannelSpace:
         return dataclasses.replace(composite, channels=layers)
 
 
-def _step(r: int, plan: Plan) -> dict:
-    return {"round": r, "target": plan.target, "summary": dataclasses.asdict(plan.summary)}
+def _step(r: int, plan: Plan, predicted: float | None, before: dict | None, after: dict | None) -> dict:
+    """One step's record: its target and summary, the loss increase its scores predicted (None
+    when they are not in loss units), and, when the source has held-out data, the held-out loss
+    and accuracy after it (BatchNorm recalibrated) with the measured increase over the model it
+    started from."""
+    out = {"round": r, "target": plan.target, "summary": dataclasses.asdict(plan.summary), "predicted_dloss": predicted}
+    if before is not None and after is not None:
+        out.update(loss_before=before["loss"], loss=after["loss"], accuracy=after["accuracy"],
+                   actual_dloss=after["loss"] - before["loss"])
+    return out
 
 
 def _plan(method: Method, target: Target, settings: PruneSettings, base, summary: dict, **payload) -> Plan:

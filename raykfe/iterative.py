@@ -179,10 +179,7 @@ def compose_plan(previous: Plan | None, current: Plan, metas: Mapping[str, dict]
             layers[name] = before
         else:
             layers[name] = dataclasses.replace(lp, dense_params=dense_p, dense_macs=dense_m)
-    steps = list(previous.steps if previous is not None else []) + [
-        {"round": round_index, "target": current.target, "summary": dataclasses.asdict(current.summary)}
-    ]
     return dataclasses.replace(
         current, layers=layers, base_params=previous.base_params if previous is not None else current.base_params,
-        base_macs=previous.base_macs if previous is not None else current.base_macs, steps=steps,
+        base_macs=previous.base_macs if previous is not None else current.base_macs,
     )

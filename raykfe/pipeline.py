@@ -128,6 +128,9 @@ class JobSource:
         return bn_sums(model, make_loader(self.job.splits.train, self.job.cfg.stats.batch_size, shuffle=False),
                        {"batches": n_batches})
 
+    def evaluate(self, model):
+        return self.job.evaluate(model, self.job.val_loader)
+
     def log(self, message):
         self.job.log(message)
 
