@@ -3,7 +3,6 @@ starting clusters per test would cost minutes)."""
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 

@@ -30,8 +30,7 @@ def test_tiny_digits_job_end_to_end(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "test acc %" in proc.stdout and "layer" in proc.stdout
     metrics = json.loads((out / "metrics.json").read_text())
-    assert abs(metrics["macs_reduction"] - 0.5) <= 0.02
-    assert 0.0 <= metrics["pruned"]["test_acc"] <= 1.0
+    assert 0.0 <= metrics["macs_reduction"] - 0.5 <= 0.02  # at or above the target, within prune.tolerance
     # latency of base and pruned at batch 1 and 32 on CPU (no GPU here), in the report too
     lat = metrics["latency"]
     assert set(lat["base"]) == set(lat["pruned"]) == {"cpu"}
@@ -44,6 +43,16 @@ def test_tiny_digits_job_end_to_end(tmp_path):
 
     loaded = raykfe.load(str(out))
     assert loaded.plan.target == "flops:0.5"
+    # the reported accuracy is the saved model's on the test split (re-evaluated here, in another
+    # process: only near-tied top-2 logits may flip); one epoch of fine-tuning can leave a pruned
+    # model near chance, so a margin over chance would not be sound
+    from raykfe.config import load_config
+    from raykfe.data import job_splits
+    from reevaluate import assert_accuracy_of
+
+    cfg = load_config("jobs/digits.yaml", [*TINY, f"output.uri={out}"])
+    split = job_splits(cfg.data, cfg.seed).test
+    assert_accuracy_of(loaded.model, metrics["pruned"]["test_acc"], split)
     rep = run_cli("report", str(out))
     assert rep.returncode == 0 and "MACs" in rep.stdout
     # re-running the same job reuses the result; a different job into the same URI is refused
