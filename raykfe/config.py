@@ -106,9 +106,15 @@ class TrainConfig:
     gamma: float = 0.1
     batch_size: int = 64
     bn_l1: float = 0.0  # L1 penalty on BatchNorm scales (network slimming's sparsity training)
+    schedule: str = "step"  # "step" (gamma at each milestone) or "cosine" (to 0 over the epochs)
+    warmup_epochs: float = 0.0  # linear warm-up of the rate over the first epochs
+    rotation_lr: float = 1.0  # the KFE rotations' rate relative to lr
 
     def validate(self, p: str) -> None:
         _check(self.bn_l1 >= 0, f"{p}.bn_l1", self.bn_l1, "use 0 (off) or a small penalty, e.g. 1e-4")
+        _check(self.schedule in ("step", "cosine"), f"{p}.schedule", self.schedule, "use step or cosine")
+        _check(self.warmup_epochs >= 0, f"{p}.warmup_epochs", self.warmup_epochs, "use 0 or more epochs")
+        _check(self.rotation_lr > 0, f"{p}.rotation_lr", self.rotation_lr, "use a positive multiple of lr, e.g. 0.1")
         _check(self.epochs >= 0, f"{p}.epochs", self.epochs, "use 0 or more epochs")
         _check(self.lr > 0, f"{p}.lr", self.lr, "use a positive learning rate")
         _check(0 <= self.momentum < 1, f"{p}.momentum", self.momentum, "use a momentum in [0, 1)")
@@ -123,7 +129,7 @@ class TrainConfig:
         return TrainSettings(
             epochs=self.epochs, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay,
             milestones=tuple(self.milestones), gamma=self.gamma, batch_size=self.batch_size,
-            bn_l1=self.bn_l1,
+            bn_l1=self.bn_l1, schedule=self.schedule, warmup_epochs=self.warmup_epochs, rotation_lr=self.rotation_lr,
         )
 
 

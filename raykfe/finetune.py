@@ -1,13 +1,16 @@
-"""Training and evaluation in plain PyTorch (SGD + momentum, multi-step LR, cross-entropy).
+"""Training and evaluation in plain PyTorch (SGD + momentum, step or cosine rate, cross-entropy).
 
 Tensor layouts
 --------------
 Loaders yield ``(x, y)`` batches with ``x`` float32 ``[B, C, H, W]`` and ``y`` int64 ``[B]``;
 the model maps ``x`` to logits float32 ``[B, num_classes]``.
 
-Epochs are numbered from 1 in the records and messages. The learning rate of epoch ``e``
-(1-based) is ``lr * gamma ** k`` where ``k`` counts the milestones ``m <= e - 1``; milestones are
-``floor(f * epochs + 0.5)`` for each fraction ``f`` in ``TrainSettings.milestones``.
+Epochs are numbered from 1 in the records and messages. The rate is set at every batch from the
+training progress (:func:`lr_factor`): with the ``"step"`` schedule, the rate of epoch ``e``
+(1-based) is ``lr * gamma ** k`` where ``k`` counts the milestones ``m <= e - 1`` (milestones are
+``floor(f * epochs + 0.5)`` for each fraction ``f`` in ``TrainSettings.milestones``); with
+``"cosine"`` it falls from ``lr`` to 0 over the epochs; an optional linear warm-up comes first.
+The rotations of pruned KFE layers may train at their own rate (``rotation_lr`` x ``lr``).
 
 Mode handling: :func:`train` leaves the model in train mode (validation inside it switches to
 eval and back); :func:`evaluate` leaves it in eval mode.
@@ -16,7 +19,6 @@ eval and back); :func:`evaluate` leaves it in eval mode.
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
@@ -45,6 +47,9 @@ class TrainSettings:
     gamma: float = 0.1
     batch_size: int = 64
     bn_l1: float = 0.0  # network slimming: L1 penalty on every BatchNorm scale (sparsity training)
+    schedule: str = "step"  # "step": gamma at each milestone; "cosine": 1 -> 0 after the warm-up
+    warmup_epochs: float = 0.0  # linear warm-up of the rate over the first epochs (fractions allowed)
+    rotation_lr: float = 1.0  # the KFE rotations' rate, relative to lr (0 < x)
 
     def __post_init__(self) -> None:
         def bad(key: str, value: Any, want: str) -> ConfigError:
@@ -71,6 +76,12 @@ class TrainSettings:
             or self.batch_size < 1
         ):
             raise bad("batch_size", self.batch_size, "a positive integer")
+        if self.schedule not in ("step", "cosine"):
+            raise bad("schedule", self.schedule, "'step' or 'cosine'")
+        if not number(self.warmup_epochs) or self.warmup_epochs < 0:
+            raise bad("warmup_epochs", self.warmup_epochs, "a non-negative number of epochs")
+        if not number(self.rotation_lr) or self.rotation_lr <= 0:
+            raise bad("rotation_lr", self.rotation_lr, "a positive multiple of the learning rate")
         ms = self.milestones
         if not isinstance(ms, (tuple, list)) or not all(number(f) and 0 <= f <= 1 for f in ms):
             raise bad("milestones", ms, "a list of fractions in [0, 1]")
@@ -119,6 +130,37 @@ def _batches(
         yield x.to(device), y.to(device)
 
 
+def lr_factor(settings: TrainSettings, progress: float) -> float:
+    """The learning rate's multiplier at ``progress`` epochs into training (a float: epoch e, batch
+    i of n is ``e - 1 + i / n``): a linear warm-up over the first ``warmup_epochs`` (from
+    1/(1 + warmup batches) of the rate, never 0), then ``gamma`` at each milestone (``"step"``) or a
+    cosine from 1 to 0 over the rest (``"cosine"``)."""
+    w = settings.warmup_epochs
+    if w > 0 and progress < w:
+        return max(progress / w, 1e-3)
+    if settings.schedule == "cosine":
+        span = max(settings.epochs - w, 1e-12)
+        return 0.5 * (1.0 + math.cos(math.pi * min(max(progress - w, 0.0) / span, 1.0)))
+    return settings.gamma ** sum(1 for m in milestone_epochs(settings) if m <= int(progress))
+
+
+def _param_groups(model: nn.Module, settings: TrainSettings) -> list[dict]:
+    """SGD parameter groups: the rotations of pruned KFE layers at ``rotation_lr`` x the rate, the
+    rest at the rate (one group when they are equal)."""
+    from .surgery import KFEConv2d, KFELinear
+
+    rotations = {id(p) for m in model.modules() if isinstance(m, (KFELinear, KFEConv2d))
+                 for sub in (m.rot_in, m.rot_out) for p in sub.parameters()}
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ConfigError("the model has no trainable parameters: unfreeze some before training")
+    rot = [p for p in params if id(p) in rotations]
+    if settings.rotation_lr == 1.0 or not rot:
+        return [{"params": params, "scale": 1.0}]
+    return [{"params": [p for p in params if id(p) not in rotations], "scale": 1.0},
+            {"params": rot, "scale": settings.rotation_lr}]
+
+
 def train(
     model: nn.Module,
     train_loader: Iterable,
@@ -138,14 +180,16 @@ def train(
 ) -> list[dict[str, Any]]:
     """Train ``model`` in place with SGD; returns one record per epoch.
 
-    Resuming: ``start_epoch`` epochs are already done (``history`` holds their records and
-    ``optimizer_state`` the optimizer's state_dict); ``before_epoch(epoch)`` runs before each epoch
-    (e.g. to reshuffle a shard) and ``checkpoint(epoch, model, optimizer, records)`` after it.
-    ``eval_module`` is validated instead of ``model`` (the plain module inside a DDP wrapper).
+    The rate of every batch is ``lr * lr_factor(...)`` (:func:`lr_factor`; KFE rotations times
+    ``rotation_lr``), so a resumed run (``start_epoch`` epochs done, ``history`` their records,
+    ``optimizer_state`` the momentum) continues exactly where it stopped. ``before_epoch(epoch)``
+    runs before each epoch (e.g. to reshuffle a shard) and ``checkpoint(epoch, model, optimizer,
+    records)`` after it. ``eval_module`` is validated instead of ``model`` (the plain module inside
+    a DDP wrapper).
 
     Each record is ``{"epoch": int (1-based), "loss": float (mean train loss), "train_acc": float,
-    "val_acc": float | None, "lr": float (the LR used in that epoch)}``; ``on_epoch`` is called
-    with it after each epoch.
+    "val_acc": float | None, "lr": float (the rate at the epoch's first batch)}``; ``on_epoch`` is
+    called with it after each epoch.
 
     Raises:
         NumericalError: the training loss or, at the end of an epoch, a weight became NaN/Inf (the
@@ -156,81 +200,66 @@ def train(
 
     device = torch.device(device)
     model.to(device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise ConfigError("the model has no trainable parameters: unfreeze some before training")
-    bn_scales = [
-        m.weight for m in model.modules()
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.weight is not None and m.weight.requires_grad
-    ] if settings.bn_l1 > 0 else []
-    optimizer = torch.optim.SGD(
-        params, lr=settings.lr, momentum=settings.momentum, weight_decay=settings.weight_decay
-    )
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(
-        optimizer, milestones=milestone_epochs(settings), gamma=settings.gamma
-    )
-    if optimizer_state is not None:  # resuming: momentum buffers, then replay the schedule
+    groups = _param_groups(model, settings)
+    optimizer = torch.optim.SGD(groups, lr=settings.lr, momentum=settings.momentum, weight_decay=settings.weight_decay)
+    if optimizer_state is not None:  # resuming: the momentum buffers (the rate follows from the epoch)
         optimizer.load_state_dict(optimizer_state)
-        for group in optimizer.param_groups:
-            group["lr"] = group["initial_lr"] = settings.lr
-    with warnings.catch_warnings():  # replaying the schedule before any optimizer.step() is intended
-        warnings.simplefilter("ignore", UserWarning)
-        for _ in range(start_epoch):
-            scheduler.step()
+        for group, mine in zip(optimizer.param_groups, groups):
+            group["scale"] = mine["scale"]
     records: list[dict[str, Any]] = list(history or [])
     model.train()
-    bar = tqdm(
-        range(start_epoch + 1, settings.epochs + 1), desc=desc, disable=not progress, leave=False,
-        initial=start_epoch, total=settings.epochs,
-    )
+    bar = tqdm(range(start_epoch + 1, settings.epochs + 1), desc=desc, disable=not progress, leave=False,
+               initial=start_epoch, total=settings.epochs)
     for epoch in bar:
         if before_epoch is not None:
             before_epoch(epoch)
-        lr = float(optimizer.param_groups[0]["lr"])
-        loss_sum, correct, seen = 0.0, 0, 0
-        for x, y in _batches(train_loader, device):
-            logits = model(x)
-            loss = F.cross_entropy(logits, y)
-            if not torch.isfinite(loss):
-                raise _diverged(desc, epoch, f"loss {loss.item()}", settings, checkpoint is not None)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            for g in bn_scales:  # subgradient of bn_l1 * |gamma| (Liu et al. 2017, network slimming)
-                if g.grad is not None:
-                    g.grad.add_(torch.sign(g.detach()), alpha=settings.bn_l1)
-            optimizer.step()
-            n = int(y.numel())
-            loss_sum += float(loss.detach()) * n
-            correct += int((logits.detach().argmax(dim=1) == y).sum())
-            seen += n
-        if seen == 0:
-            raise DataError("the training loader yielded no batches: check the train split size")
+        record = _epoch(model, train_loader, optimizer, settings, epoch, device, desc, checkpoint is not None)
         bad = _first_non_finite(model)
         if bad is not None:  # finite losses, but the last steps left NaN/Inf weights: never checkpoint them
             raise _diverged(desc, epoch, f"{bad} became NaN/Inf", settings, checkpoint is not None)
-        scheduler.step()
-        val_acc = None
         if val_loader is not None:
-            val_acc = evaluate(eval_module or model, val_loader, device=device)["accuracy"]
+            record["val_acc"] = evaluate(eval_module or model, val_loader, device=device)["accuracy"]
             model.train()
-        record = {
-            "epoch": epoch,
-            "loss": loss_sum / seen,
-            "train_acc": correct / seen,
-            "val_acc": val_acc,
-            "lr": lr,
-        }
         records.append(record)
-        postfix = {"loss": f"{record['loss']:.4f}"}
-        if val_acc is not None:
-            postfix["val_acc"] = f"{val_acc:.4f}"
-        bar.set_postfix(postfix)
+        bar.set_postfix({"loss": f"{record['loss']:.4f}", **({"val_acc": f"{record['val_acc']:.4f}"} if val_loader else {})})
         if checkpoint is not None:
             checkpoint(epoch, model, optimizer, records)
         if on_epoch is not None:
             on_epoch(record)
     bar.close()
     return records
+
+
+def _epoch(model, loader, optimizer, settings: TrainSettings, epoch: int, device, desc: str, checkpointed: bool) -> dict:
+    """One epoch of SGD with the rate of each batch set from :func:`lr_factor`."""
+    bn_scales = [
+        m.weight for m in model.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.weight is not None and m.weight.requires_grad
+    ] if settings.bn_l1 > 0 else []
+    n = len(loader) if hasattr(loader, "__len__") else 0
+    loss_sum, correct, seen, first_lr = 0.0, 0, 0, None
+    for i, (x, y) in enumerate(_batches(loader, device)):
+        factor = lr_factor(settings, epoch - 1 + (i / n if n else 0.0))
+        for group in optimizer.param_groups:
+            group["lr"] = settings.lr * factor * group.get("scale", 1.0)
+        first_lr = settings.lr * factor if first_lr is None else first_lr
+        logits = model(x)
+        loss = F.cross_entropy(logits, y)
+        if not torch.isfinite(loss):
+            raise _diverged(desc, epoch, f"loss {loss.item()}", settings, checkpointed)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        for g in bn_scales:  # subgradient of bn_l1 * |gamma| (Liu et al. 2017, network slimming)
+            if g.grad is not None:
+                g.grad.add_(torch.sign(g.detach()), alpha=settings.bn_l1)
+        optimizer.step()
+        k = int(y.numel())
+        loss_sum += float(loss.detach()) * k
+        correct += int((logits.detach().argmax(dim=1) == y).sum())
+        seen += k
+    if seen == 0:
+        raise DataError("the training loader yielded no batches: check the train split size")
+    return {"epoch": epoch, "loss": loss_sum / seen, "train_acc": correct / seen, "val_acc": None, "lr": first_lr}
 
 
 def evaluate(

@@ -273,6 +273,7 @@ ARCHS = [
 MIN_GROUPS = {"convnext_tiny": 22, "shufflenet_v2_x1_0": 18, "regnet_x_400mf": 40}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ARCHS)
 def test_architecture(arch):
     t0 = time.perf_counter()

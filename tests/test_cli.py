@@ -24,6 +24,7 @@ def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow
 def test_tiny_digits_job_end_to_end(tmp_path):
     out = tmp_path / "res"
     proc = run_cli("prune", "-c", "jobs/digits.yaml", *TINY, f"output.uri={out}")

@@ -176,6 +176,7 @@ class _DiesAfterStatistics(LocalBackend):
         raise KeyboardInterrupt  # the driver is stopped right after the statistics stage
 
 
+@pytest.mark.slow
 def test_job_stopped_after_statistics_resumes_and_reuses_them(tmp_path, tiny_job_overrides):
     cfg = load_config("jobs/digits.yaml", [*tiny_job_overrides, "runtime=local"])
     with pytest.raises(KeyboardInterrupt):

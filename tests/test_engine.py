@@ -24,6 +24,7 @@ FIXTURES = REPO / "tests" / "fixtures" / "results_v1"
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
+@pytest.mark.slow
 def test_package_prunes_saves_and_loads_with_ray_blocked(tmp_path):
     """The API, engine, methods, surgery and checkpoint never import ray: a user without a cluster
     (or a worker of another framework) can prune and load results."""
@@ -70,6 +71,7 @@ def test_results_written_before_the_engine_change_still_load(name):
         assert [s["round"] for s in res.plan.steps] == [1, 2]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["eigendamage", "kron-obs"])
 def test_api_and_job_reach_the_same_plan(tmp_path, method):
     """The job (stage store, backend, global example indices) and raykfe.prune (the caller's
@@ -148,6 +150,7 @@ class _DiesInStepTwo(__import__("raykfe.backend", fromlist=["LocalBackend"]).Loc
         return super().kfac(recipe, state, layers, conv_mode)
 
 
+@pytest.mark.slow
 def test_a_job_in_steps_resumes_from_its_finished_steps(tmp_path):
     overrides = ["model.name=vgg_tiny", "data.image_size=8", "base.epochs=1", "finetune.epochs=0", "stats.max_batches=2",
                  "stats.batch_size=32", "progress=false", "runtime=local", "latency.repeats=0", "prune.steps=2",

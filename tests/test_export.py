@@ -30,7 +30,10 @@ from raykfe.export import export
 from raykfe.models import build_model
 from raykfe.surgery import KFEConv2d
 
-pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning")  # TorchScript is deprecated, still supported
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning"),  # TorchScript is deprecated, still supported
+    pytest.mark.slow,  # its module fixture runs two jobs
+]
 
 REPO = Path(__file__).resolve().parents[1]
 ATOL = 1e-4

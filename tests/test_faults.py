@@ -183,6 +183,7 @@ def _group_gone(pgid: int, timeout: float = 10.0) -> bool:
     return False
 
 
+@pytest.mark.slow
 def test_driver_killed_during_finetuning_resumes(local_reference, tmp_path):
     """``raykfe prune --local`` is SIGKILLed (its whole process group) as soon as the stage store
     holds a fine-tuning checkpoint; running the same command again reuses the base model,
@@ -325,6 +326,7 @@ class FlakyLink:
             self._reset(client, up)
 
 
+@pytest.mark.slow
 def test_storage_failing_mid_write_leaves_no_result_and_rerun_succeeds(local_reference, s3_server, tmp_path):
     """The job writes to s3:// (moto on loopback) through a proxy that cuts the connection in the
     middle of the upload of the result's ``weights.safetensors`` and keeps the store unreachable

@@ -23,6 +23,7 @@ def _linear_problem(n: int = 64, seed: int = 0) -> TensorDataset:
     return TensorDataset(x, y)
 
 
+@pytest.mark.slow
 def test_training_learns_synthetic_data() -> None:
     torch.manual_seed(0)
     splits = load_data("synthetic", synthetic_size=400, num_classes=4, image_size=16, seed=0)
@@ -163,3 +164,52 @@ def test_settings_are_frozen_and_hashable() -> None:
     assert hash(s) == hash(TrainSettings(epochs=2, lr=0.1, milestones=(0.5,)))
     with pytest.raises(AttributeError):
         s.lr = 1.0  # type: ignore[misc]
+
+
+def test_cosine_and_warmup_rates() -> None:
+    from raykfe.finetune import lr_factor
+
+    cos = TrainSettings(epochs=4, lr=0.1, schedule="cosine")
+    assert lr_factor(cos, 0.0) == 1.0 and lr_factor(cos, 4.0) == pytest.approx(0.0, abs=1e-15)
+    assert lr_factor(cos, 2.0) == pytest.approx(0.5) and lr_factor(cos, 1.0) == pytest.approx((1 + math.cos(math.pi / 4)) / 2)
+    warm = TrainSettings(epochs=4, lr=0.1, schedule="cosine", warmup_epochs=1.0)
+    assert [lr_factor(warm, t) for t in (0.25, 0.5, 1.0)] == pytest.approx([0.25, 0.5, 1.0])
+    assert lr_factor(warm, 2.5) == pytest.approx(0.5)  # the cosine spans the 3 epochs after the warm-up
+    assert lr_factor(warm, 0.0) > 0.0  # a first step at rate 0 would be wasted
+    step = TrainSettings(epochs=4, lr=0.1, milestones=(0.5,), gamma=0.1)
+    assert [lr_factor(step, t) for t in (0.0, 1.99, 2.0, 3.5)] == pytest.approx([1.0, 1.0, 0.1, 0.1])
+
+
+def test_rotations_train_at_their_own_rate_and_a_resume_continues_the_schedule() -> None:
+    """With ``rotation_lr=0.1`` one SGD step (no momentum, no decay) moves the rotations of a
+    pruned KFE layer by exactly a tenth of what it moves them at ``rotation_lr=1``; a run resumed
+    after epoch 1 ends with the weights of an uninterrupted one (the rate follows the progress)."""
+    import copy
+    from collections import OrderedDict
+
+    from raykfe.surgery import KFELinear
+
+    torch.manual_seed(0)
+    layer = KFELinear(OrderedDict(rot_in=nn.Linear(6, 3), core=nn.Linear(3, 2, bias=False), rot_out=nn.Linear(2, 4)))
+    net = nn.Sequential(layer, nn.ReLU(), nn.Linear(4, 3))
+    data = [(torch.randn(8, 6), torch.randint(0, 3, (8,)))]
+    moved = {}
+    for r in (1.0, 0.1):
+        m = copy.deepcopy(net)
+        train(m, data, TrainSettings(epochs=1, lr=0.5, momentum=0.0, weight_decay=0.0, rotation_lr=r), progress=False)
+        moved[r] = {n: (p - q).detach() for (n, p), (_, q) in zip(m.named_parameters(), net.named_parameters())}
+    for n in moved[1.0]:
+        scale = 0.1 if n.startswith("0.rot_") else 1.0
+        torch.testing.assert_close(moved[0.1][n], scale * moved[1.0][n], rtol=1e-5, atol=1e-7)
+    settings = TrainSettings(epochs=3, lr=0.2, schedule="cosine", warmup_epochs=0.5, weight_decay=0.0)
+    batches = [(torch.randn(8, 6), torch.randint(0, 3, (8,))) for _ in range(3)]
+    whole, part = copy.deepcopy(net), copy.deepcopy(net)
+    train(whole, batches, settings, progress=False)
+    saved = {}
+    train(part, batches, TrainSettings(**{**settings.__dict__, "epochs": 3}), progress=False,
+          checkpoint=lambda e, m, opt, rec: saved.setdefault(e, (copy.deepcopy(m.state_dict()), copy.deepcopy(opt.state_dict()), list(rec))))
+    resumed = copy.deepcopy(net)
+    resumed.load_state_dict(saved[1][0])
+    train(resumed, batches, settings, progress=False, start_epoch=1, optimizer_state=saved[1][1], history=saved[1][2])
+    for a, b in zip(resumed.parameters(), whole.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)

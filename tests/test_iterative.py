@@ -115,6 +115,7 @@ class _DiesInRoundTwo(LocalBackend):
         return super().score(stats, weights)
 
 
+@pytest.mark.slow
 def test_iterative_job_reaches_target_resumes_between_rounds_and_reloads(tmp_path, tiny_job_overrides):
     overrides = [*tiny_job_overrides, "runtime=local", "prune.method=eigendamage-iterative", "prune.rounds=2",
                  "prune.round_epochs=1", "prune.target=flops:0.6"]

@@ -44,6 +44,7 @@ def _tiny(tmp_path, base_weights, method, *extra):
     ])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", list(METHODS))
 def test_every_method_runs_the_tiny_job_and_its_result_reloads(tmp_path, base_weights, method):
     cfg = _tiny(tmp_path, base_weights, method)

@@ -253,6 +253,7 @@ def test_missing_data_root(capsys, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_nan_or_inf_in_the_statistics_names_the_layer(capsys, finished, tmp_path):
     from safetensors.torch import load_file, save_file
 
@@ -281,6 +282,7 @@ def test_nan_or_inf_in_the_statistics_names_the_layer(capsys, finished, tmp_path
         eigenbasis("conv7", st)
 
 
+@pytest.mark.slow
 def test_diverging_training_stops_naming_the_stage_and_the_fix(capsys, finished, tmp_path):
     out = tmp_path / "out"
     weights = finished.out / "base.safetensors"
@@ -346,6 +348,7 @@ def test_unreachable_storage_endpoint_fails_fast(capsys, monkeypatch, tmp_path):
         one_line_error(code, err, "endpoint", "credentials", "127.0.0.1")
 
 
+@pytest.mark.slow
 def test_wrong_credentials_are_one_line_errors_without_the_secret(capsys, finished, s3_server, monkeypatch):
     uri = s3_server.uri(f"auth/{uuid.uuid4().hex}")
     result = raykfe.load(str(finished.out))
@@ -401,6 +404,7 @@ def test_result_of_a_newer_format_asks_for_an_upgrade(capsys, result_copy):
     one_line_error(code, err, "upgrade raykfe")
 
 
+@pytest.mark.slow
 def test_output_uri_of_a_different_job_is_refused_unless_overwrite(capsys, finished, result_copy, tmp_path):
     weights = tmp_path / "base.safetensors"
     shutil.copy(finished.out / "base.safetensors", weights)
@@ -451,6 +455,7 @@ def test_planted_pickles_are_never_executed(capsys, result_copy, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_secrets_in_the_environment_never_reach_any_output(finished):
     # the finished job (a real process with the secrets in its environment, its output on S3):
     # every object it stored (result, report, config, stages, checkpoints), every file in its

@@ -281,6 +281,7 @@ def _loss_scaled(model: nn.Module, owner: dict, M: torch.Tensor, t: float, x, y)
         return F.cross_entropy(functional_call(model, params, (x,)), y).item()
 
 
+@pytest.mark.slow
 def test_predicted_vs_actual_loss_change():
     """Zeroing random small sets M of hidden neurons: the quadratic prediction
     ``-sum gdot_s + 1/2 sum Q_ss'`` against the actual change of the batch-mean loss.
