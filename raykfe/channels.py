@@ -692,8 +692,12 @@ class ChannelGraph:
         model's current widths."""
         return (self.base_params, self.base_macs)[metric] - self.cost({name: 1})[metric]
 
-    def _eligible(self, scores, metric, max_layer_ratio, caps, rank, normalize):
-        """(group index, unit) of the eligible units, in ranking order, and the number scored."""
+    def eligible_units(self, scores, metric: int, max_layer_ratio: float, caps, rank: str, normalize: str):
+        """The eligible units (per group, the cap lowest-scored ones, ``caps[group]`` overriding
+        ``max_layer_ratio``) sorted by :func:`raykfe.plan.rank_keys` after ``normalize``
+        (ties: group in forward order, then unit), as :class:`raykfe.plan._Units` with axis 2."""
+        from .plan import _Units
+
         keys, u_group, u_chan, total = [], [], [], 0
         for name, raw in scores.items():
             gi = self._group_index(name)
@@ -713,10 +717,15 @@ class ChannelGraph:
             u_group.append(np.full(order.size, gi, dtype=np.int64))
             u_chan.append(order.astype(np.int64))
         if not keys:
-            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64), total
-        ug, uc = np.concatenate(u_group), np.concatenate(u_chan)
-        perm = np.lexsort((uc, ug, np.concatenate(keys)))  # key, then group (forward order), then channel
-        return ug[perm], uc[perm], total
+            z = np.zeros(0, dtype=np.int64)
+            return _Units(z, z, z, total, np.zeros(0))
+        key, ug, uc = np.concatenate(keys), np.concatenate(u_group), np.concatenate(u_chan)
+        perm = np.lexsort((uc, ug, key))  # key, then group (forward order), then channel
+        return _Units(ug[perm], np.full(perm.size, 2, dtype=np.int64), uc[perm], total, key[perm])
+
+    def cost_of_counts(self, counts: np.ndarray) -> tuple[int, int]:
+        """(params, MACs) after removing ``counts[i]`` units of group i (in ``self.groups`` order)."""
+        return self._cost_vec(np.asarray(counts, dtype=np.int64))
 
     def select(
         self,
@@ -756,7 +765,8 @@ class ChannelGraph:
             raise ConfigError(f"prune.tolerance={tolerance} must be >= 0")
         metric = 1 if tgt.kind == "flops" else 0
         base = (self.base_params, self.base_macs)[metric]
-        ug, uc, total = self._eligible(scores, metric, max_layer_ratio, caps, rank, normalize)
+        units = self.eligible_units(scores, metric, max_layer_ratio, caps, rank, normalize)
+        ug, uc, total = units.layer, units.index, units.total
         n_groups = len(self.groups)
 
         def outcome(k: int) -> tuple[int, int]:

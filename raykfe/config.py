@@ -11,7 +11,7 @@ A job file has the sections below (every key optional, defaults shown by ``raykf
     base:     {epochs, lr, momentum, weight_decay, milestones, batch_size}   # trains a base model
     stats:    {fisher, conv_mode, batch_size, max_batches, max_factor_dim}
     prune:    {method, target, max_layer_ratio, include_classifier, exclude, tolerance, freeze_rotations,
-               rounds, round_epochs, damping, steps, recalibrate_batches, rank, normalize}
+               rounds, round_epochs, damping, steps, recalibrate_batches, rank, normalize, hybrid}
     sparsity: {epochs, lr, ..., bn_l1}  # network slimming's sparsity training (prune.method=slimming)
     finetune: {epochs, lr, momentum, weight_decay, milestones, batch_size, bn_l1}
     output:   {uri, overwrite}
@@ -165,6 +165,7 @@ class PruneConfig:
     recalibrate_batches: int = 10  # BatchNorm statistics re-estimated after surgery from this many batches (0: off)
     rank: str = "score"  # "cost": loss per MAC / parameter saved; "score": loss alone
     normalize: str = "none"  # "mean": scores divided by their layer's mean before the global ranking
+    hybrid: bool = True  # KFE methods remove channels of the groups coupled to depthwise / grouped convs
 
     def validate(self, p: str) -> None:
         from .methods import METHODS

@@ -250,19 +250,21 @@ def check_counts(model: nn.Module, plan: Plan, example: torch.Tensor, what: str 
 def plan_from_scores(model: nn.Module, example: torch.Tensor, scored: Mapping[str, LayerScores], metas: Mapping[str, dict],
                      target: "str | Target", skipped: Mapping[str, str], *, method: str,
                      settings: PruneSettings | None = None, rounds: int = 1,
-                     caps: Mapping[str, tuple[int, int]] | None = None) -> Plan:
+                     caps: Mapping[str, tuple[int, int]] | None = None, channels=None) -> Plan:
     """The KFE plan of already-scored layers for ``target``: the global selection
-    (:func:`raykfe.plan.select`) with the model's exact counts."""
+    (:func:`raykfe.plan.select`) with the model's exact counts; ``channels`` adds the channel
+    units of a hybrid plan to it (``(graph, {group: scores}, caps)``)."""
     s = settings or PruneSettings()
     base = count(model, example)
     layers, summary = select(
         {n: (sc.rows, sc.cols) for n, sc in scored.items()}, dict(metas), target, base_params=base.params,
         base_macs=base.macs, max_layer_ratio=s.layer_ratio(rounds), tolerance=s.tolerance,
         entry_scores={n: sc.entries.numpy() for n, sc in scored.items()}, rank=s.rank, normalize=s.normalize,
-        caps=dict(caps) if caps else None,
+        caps=dict(caps) if caps else None, channels=channels,
     )
+    extra = {"removed": summary["removed"], "input_shape": list(example.shape[1:])} if summary["removed"] else {}
     return _plan(get_method(method), parse_target(target), s, base, summary, layers=layers, skipped=dict(skipped),
-                 freeze_rotations=s.freeze_rotations)
+                 freeze_rotations=s.freeze_rotations, **extra)
 
 
 class _Clock:
@@ -350,12 +352,28 @@ class _Run:
         steps, it loses at most ``max_layer_ratio`` of its ORIGINAL units (iterative rounds cap
         each round on the current units instead, as the paper does: no caps here then)."""
         ratio = self.settings.layer_ratio(1)
-        return {n: tuple(max(0, int(math.floor(ratio * o)) - (o - c)) for c, o in zip(sizes[n], original[n])) for n in sizes}
+        return {n: tuple(max(0, int(math.floor(ratio * o)) - (o - c)) for c, o in zip(sizes[n], original[n]))
+                for n in sizes if n in original}
+
+
+@dataclass
+class _KfeScored:
+    """A KFE round's statistics and scores: eigen-direction scores per layer (``names``: layer ->
+    module measured, the core of a rebuilt layer), and for a hybrid plan the channel graph of the
+    current model with its hybrid groups' unit scores."""
+
+    stats: dict[str, LayerStats]
+    scores: dict[str, LayerScores]
+    names: dict[str, str]
+    graph: object = None
+    channel_scores: dict[str, np.ndarray] | None = None
 
 
 class _KfeSpace:
     """EigenDamage's space: eigen-directions of each layer's K-FAC eigenbasis; a round prunes the
-    cores of rebuilt layers and merges the bases (:mod:`raykfe.iterative`)."""
+    cores of rebuilt layers and merges the bases (:mod:`raykfe.iterative`). With grouped or
+    depthwise convs (and ``settings.hybrid``) the groups coupled to them lose whole channels in the
+    same ranking (:mod:`raykfe.hybrid`)."""
 
     def __init__(self, run: _Run) -> None:
         self.run, s = run, run.settings
@@ -363,46 +381,93 @@ class _KfeSpace:
             run.model, run.example, conv_mode=s.conv_mode, include_classifier=s.include_classifier, exclude=s.exclude,
             max_factor_dim=s.max_factor_dim,
         )
+        self.graph, self.groups, self.consumers = None, [], {}
+        if s.hybrid and any(isinstance(m, nn.Conv2d) and m.groups > 1 for m in run.model.modules()):
+            self._hybrid()
         self.metas = layer_metas(run.model, run.example, self.adapters)
         self.stats: dict[str, LayerStats] | None = None
+        self.dloss: dict[str, float] = {}
 
-    def score(self, current: nn.Module, composite: Plan | None, r: int):
-        """``(stats, {layer: LayerScores}, {layer: module measured})`` of round ``r`` (the cores of rebuilt layers)."""
+    def _hybrid(self) -> None:
+        from .channels import ChannelGraph
+        from .hybrid import hybrid_groups
+
+        s = self.run.settings
+        self.graph = ChannelGraph(self.run.model, self.run.example, exclude=s.exclude, include_classifier=s.include_classifier)
+        self.groups, members, self.consumers = hybrid_groups(self.run.model, self.graph)
+        for n in members:
+            if self.adapters.pop(n, None) is not None or n not in self.skipped:
+                self.skipped[n] = "loses whole channels with the depthwise / grouped conv it is coupled to (hybrid plan)"
+
+    def score(self, current: nn.Module, composite: Plan | None, r: int) -> _KfeScored:
         run, sfx, mode = self.run, _suffix(r), self.run.settings.conv_mode
         names = round_layer_names(current, self.adapters)
+        found, _ = find_layers(current, mode, run.settings.max_factor_dim)
+        measured = list(dict.fromkeys([*names.values(), *(c for c in self.consumers if c in found)]))
         with run.clock("statistics"):
-            stats = run.source.kfac(current, composite, list(names.values()), mode, "stats" + sfx)
+            stats = run.source.kfac(current, composite, measured, mode, "stats" + sfx)
         with run.clock("eigen"):
-            found, _ = find_layers(current, mode, None)
             by_module = run.source.bases({t: stats[t] for t in names.values()},
-                                         {t: found[t].weight_matrix() for t in names.values()}, "eigen" + sfx)
+                                         {t: found[t].weight_matrix() for t in names.values()}, "eigen" + sfx) if names else {}
         self.stats = stats
-        return stats, {n: by_module[t] for n, t in names.items()}, names
+        out = _KfeScored(stats, {n: by_module[t] for n, t in names.items()}, names)
+        if self.groups:
+            from .channels import ChannelGraph
+            from .hybrid import consumer_scores
 
-    def select(self, current: nn.Module, scored, target: Target, r: int) -> Plan:
+            s = run.settings
+            out.graph = self.graph if r == 1 else ChannelGraph(current, run.example, exclude=s.exclude,
+                                                               include_classifier=s.include_classifier)
+            out.channel_scores = consumer_scores(out.graph, self.groups, found, stats)
+        return out
+
+    def select(self, current: nn.Module, scored: _KfeScored, target: Target, r: int) -> Plan:
         run = self.run
-        stats, scores, names = scored
-        metas = round_metas(current, self.metas, {t: stats[t].meta for t in names.values()}, names)
-        caps = None
+        names = scored.names
+        metas = round_metas(current, self.metas, {t: scored.stats[t].meta for t in names.values()}, names)
+        caps, channels = None, None
         if not run.iterative and r > 1:
             caps = run.caps_left({n: (m["d_out"], m["d_in"]) for n, m in metas.items()},
                                  {n: (m["d_out"], m["d_in"]) for n, m in self.metas.items()})
-        return plan_from_scores(current, run.example, scores, metas, target, self.skipped, method=run.method.name,
-                                settings=run.settings, rounds=run.rounds if run.iterative else 1, caps=caps)
+        if scored.graph is not None:
+            chan_caps = None if r == 1 else {n: c[0] for n, c in run.caps_left(
+                {g.name: (g.size,) for g in scored.graph.groups if g.name in self.groups},
+                {g.name: (g.size,) for g in self.graph.groups}).items()}
+            channels = (scored.graph, scored.channel_scores, chan_caps)
+        plan = plan_from_scores(current, run.example, scored.scores, metas, target, self.skipped, method=run.method.name,
+                                settings=run.settings, rounds=run.rounds if run.iterative else 1, caps=caps, channels=channels)
+        for g, idx in plan.removed.items():
+            self.dloss[g] = self.dloss.get(g, 0.0) + float(scored.channel_scores[g][idx].sum())
+        return plan
 
-    def apply(self, current: nn.Module, plan: Plan, scored) -> nn.Module:
-        weights = {n: (sc.basis.QA, sc.basis.QS, sc.w_kfe) for n, sc in scored[1].items()}
+    def apply(self, current: nn.Module, plan: Plan, scored: _KfeScored) -> nn.Module:
+        if plan.removed:
+            from .channels import apply_channels
+
+            current = apply_channels(current, self.run.example, plan.removed)
+        weights = {n: (sc.basis.QA, sc.basis.QS, sc.w_kfe) for n, sc in scored.scores.items()}
         return merge_round(current, plan, weights, self.run.settings.conv_mode, self.run.settings.freeze_rotations)
 
     def compose(self, composite: Plan | None, plan: Plan, r: int) -> Plan:
-        return compose_plan(composite, plan, self.metas, r)
+        out = compose_plan(composite, plan, self.metas, r)
+        if self.graph is not None and composite is not None:
+            from .hybrid import compose_removed
 
-    def predicted(self, plan: Plan, scored) -> float:
-        """The loss increase the round's plan predicts: every removed entry of every layer, once."""
-        return float(sum(lp.predicted_dloss for lp in plan.layers.values() if lp.action == "kfe"))
+            out = dataclasses.replace(out, removed=compose_removed(
+                [(g.name, g.size) for g in self.graph.groups], composite.removed, plan.removed))
+        return out
+
+    def predicted(self, plan: Plan, scored: _KfeScored) -> float:
+        """The loss increase the round's plan predicts: every removed entry of every layer, once,
+        and the removed channels of a hybrid plan."""
+        kfe = sum(lp.predicted_dloss for lp in plan.layers.values() if lp.action == "kfe")
+        return float(kfe + sum(scored.channel_scores[g][idx].sum() for g, idx in plan.removed.items()))
 
     def finish(self, final: nn.Module, composite: Plan) -> Plan:
-        return composite
+        if self.graph is None or composite.channels:
+            return composite
+        rows = _channel_rows(self.run, self.graph, composite.removed, final, self.dloss, groups=self.groups)
+        return dataclasses.replace(composite, channels=rows)
 
 
 class _ChannelSpace:
@@ -464,34 +529,35 @@ class _ChannelSpace:
         return float(sum(np.asarray(scores[g])[idx].sum() for g, idx in plan.removed.items()))
 
     def compose(self, composite: Plan | None, plan: Plan, r: int) -> Plan:
-        """``plan`` (units of the narrowed groups) on top of ``composite`` (units of the original
-        ones): the kept units keep their order, so narrowed unit i is the i-th kept original unit."""
+        """``plan`` (units of the narrowed groups) on top of ``composite`` (units of the original ones)."""
+        from .hybrid import compose_removed
+
         if composite is None:
             return plan
-        removed = {g: list(v) for g, v in composite.removed.items()}
-        for g, idx in plan.removed.items():
-            size = next(x.size for x in self.graph.groups if x.name == g)
-            kept = [u for u in range(size) if u not in set(removed.get(g, []))]
-            removed[g] = sorted(set(removed.get(g, [])) | {kept[i] for i in idx})
-        removed = {x.name: removed[x.name] for x in self.graph.groups if removed.get(x.name)}
+        removed = compose_removed([(g.name, g.size) for g in self.graph.groups], composite.removed, plan.removed)
         return dataclasses.replace(plan, removed=removed, base_params=composite.base_params, base_macs=composite.base_macs)
 
     def finish(self, final: nn.Module, composite: Plan) -> Plan:
-        """Per Conv/Linear "out" member: channels kept, params and MACs after / before, and on a
-        group's root the predicted loss increase of the channels the group lost (loss-unit
-        methods; ``None`` elsewhere)."""
-        from .channels import channel_layer_fractions
-
         if composite.channels:  # a plan an earlier run finished
             return composite
-        ex = self.run.example
-        before, after = layer_counts(self.run.model, ex), layer_counts(final, ex)
-        roots = {g.name for g in self.graph.groups} if self.run.method.loss_units else set()
-        layers = {}
-        for name, (kept, total) in channel_layer_fractions(self.graph, composite.removed).items():
-            layers[name] = ChannelLayer(kept, total, after[name].params, before[name].params, after[name].macs,
-                                        before[name].macs, self.dloss.get(name, 0.0) if name in roots else None)
-        return dataclasses.replace(composite, channels=layers)
+        return dataclasses.replace(composite, channels=_channel_rows(self.run, self.graph, composite.removed, final, self.dloss))
+
+
+def _channel_rows(run: _Run, graph, removed: Mapping[str, list[int]], final: nn.Module, dloss: Mapping[str, float],
+                  groups=None) -> dict[str, ChannelLayer]:
+    """Per Conv/Linear "out" member of the channel groups (of ``groups`` only, when given):
+    channels kept, params and MACs after / before, and on a group's root the predicted loss
+    increase of the channels the group lost (methods whose scores are in loss units; ``None``
+    elsewhere)."""
+    from .channels import channel_layer_fractions
+
+    before, after = layer_counts(run.model, run.example), layer_counts(final, run.example)
+    roots = {g.name for g in graph.groups} if run.method.loss_units else set()
+    owned = None if groups is None else {m.module for g in graph.groups if g.name in groups for m in g.members if m.kind == "out"}
+    return {name: ChannelLayer(kept, total, after[name].params, before[name].params, after[name].macs, before[name].macs,
+                               dloss.get(name, 0.0) if name in roots else None)
+            for name, (kept, total) in channel_layer_fractions(graph, removed).items()
+            if name in after and (owned is None or name in owned)}
 
 
 def _step(r: int, plan: Plan, predicted: float | None, before: dict | None, after: dict | None) -> dict:

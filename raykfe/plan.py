@@ -339,12 +339,21 @@ def unit_costs(meta: dict, metric: int) -> tuple[int, int]:
 
 @dataclass
 class _Units:
-    """The eligible units of a selection, sorted by their ranking key: layer, axis and index."""
+    """The eligible units of a selection, sorted by their ranking key: layer (or channel group),
+    axis (0 rows, 1 columns, 2 channels of a group) and index."""
 
     layer: np.ndarray
     axis: np.ndarray
     index: np.ndarray
     total: int
+    key: np.ndarray | None = None
+
+    def merged(self, other: "_Units") -> "_Units":
+        """Both unit lists in one ranking (stable: on equal keys ``self``'s come first)."""
+        perm = np.argsort(np.concatenate([self.key, other.key]), kind="stable")
+        cat = lambda a, b: np.concatenate([a, b])[perm]  # noqa: E731
+        return _Units(cat(self.layer, other.layer), cat(self.axis, other.axis), cat(self.index, other.index),
+                      self.total + other.total, cat(self.key, other.key))
 
 
 def _eligible(scores, metas, names, metric, ratio, caps, rank, normalize) -> _Units:
@@ -363,9 +372,10 @@ def _eligible(scores, metas, names, metric, ratio, caps, rank, normalize) -> _Un
             axis.append(np.full(order.size, ax))
             index.append(order)
     if not keys:
-        return _Units(np.zeros(0, int), np.zeros(0, int), np.zeros(0, int), 0)
-    perm = np.argsort(np.concatenate(keys), kind="stable")
-    return _Units(np.concatenate(layer)[perm], np.concatenate(axis)[perm], np.concatenate(index)[perm], total)
+        return _Units(np.zeros(0, int), np.zeros(0, int), np.zeros(0, int), 0, np.zeros(0))
+    key = np.concatenate(keys)
+    perm = np.argsort(key, kind="stable")
+    return _Units(np.concatenate(layer)[perm], np.concatenate(axis)[perm], np.concatenate(index)[perm], total, key[perm])
 
 
 def select(
@@ -381,6 +391,7 @@ def select(
     rank: str = "score",
     normalize: str = "none",
     caps: dict[str, tuple[int, int]] | None = None,
+    channels=None,
 ) -> tuple[dict[str, LayerPlan], dict]:
     """Choose the units to remove for ``target``.
 
@@ -389,8 +400,14 @@ def select(
     Units are ranked by ``rank`` (:func:`rank_keys`, after :func:`normalized`); the k first
     eligible units go, with k the smallest count whose reduction is at or above the target (never
     below it). ``tolerance`` only sets the summary's ``within_tolerance`` flag (``achieved -
-    target <= tolerance``: the granularity overshot by at most that much). Returns the layer plans
-    and a summary ``{target, achieved, within_tolerance, units_removed, units_total, params, macs}``.
+    target <= tolerance``: the granularity overshot by at most that much).
+
+    ``channels = (graph, {group: scores}, channel caps)`` adds whole channels of those groups of a
+    :class:`raykfe.channels.ChannelGraph` to the same ranking (a hybrid plan: layers the KFE
+    methods cannot rebuild lose channels with everything coupled to them); no scored KFE layer
+    may be a member of those groups, so the two kinds of unit never change each other's cost.
+    Returns the layer plans and a summary ``{target, achieved, within_tolerance, units_removed,
+    units_total, params, macs, removed}`` (``removed``: the channel units, by group).
     """
     tgt = parse_target(target)
     if not (0.0 < max_layer_ratio <= 1.0):
@@ -399,23 +416,30 @@ def select(
     names = list(scores)
     units = _eligible(scores, metas, names, None if tgt.kind == "directions" else metric, max_layer_ratio, caps, rank,
                       normalize)
+    graph = None
+    if channels is not None and tgt.kind != "directions":
+        graph, chan_scores, chan_caps = channels
+        units = units.merged(graph.eligible_units(chan_scores, metric, max_layer_ratio, chan_caps, rank, normalize))
     dense = {n: dense_cost(metas[n]) for n in names}
     base = np.array([base_params, base_macs], dtype=np.int64)
-    other = base - np.array([sum(dense[n][i] for n in names) for i in range(2)], dtype=np.int64)  # not pruned layers
+    dense_total = np.array([sum(dense[n][i] for n in names) for i in range(2)], dtype=np.int64)
 
     def layer_choice(name: str, r_in: int, r_out: int) -> tuple[str, tuple[int, int]]:
         kfe = kfe_cost(metas[name], r_in, r_out)
         return ("kfe", kfe) if kfe[metric] < dense[name][metric] else ("dense", dense[name])
 
     def outcome(k: int) -> tuple[np.ndarray, int]:
-        """(params, MACs) of the whole model and the directions really removed when the k first
+        """(params, MACs) of the whole model and the units really removed when the k first
         eligible units go (a layer left dense keeps all of its own directions)."""
+        lay, ax = units.layer[:k], units.axis[:k]
         c = np.zeros((len(names), 2), dtype=np.int64)
-        np.add.at(c, (units.layer[:k], units.axis[:k]), 1)
-        tot, gone = other.copy(), 0
+        np.add.at(c, (lay[ax < 2], ax[ax < 2]), 1)
+        gone = int((ax == 2).sum())
+        tot = (base if graph is None else np.array(graph.cost_of_counts(np.bincount(lay[ax == 2], minlength=len(graph.groups))),
+                                                    dtype=np.int64)) - dense_total
         for li, name in enumerate(names):
             action, cost = layer_choice(name, metas[name]["d_in"] - c[li, 1], metas[name]["d_out"] - c[li, 0])
-            tot += np.array(cost, dtype=np.int64)
+            tot = tot + np.array(cost, dtype=np.int64)
             gone += int(c[li].sum()) if action == "kfe" else 0
         return tot, gone
 
@@ -436,13 +460,19 @@ def select(
         )
     k = smallest_meeting(reduction, n, tgt.fraction)  # a target is met, never undershot
     removed = {nm: ([], []) for nm in names}
+    groups: dict[str, list[int]] = {}
     for li, ax, idx in zip(units.layer[:k], units.axis[:k], units.index[:k]):
-        removed[names[li]][ax].append(int(idx))
+        if ax == 2:
+            groups.setdefault(graph.groups[int(li)].name, []).append(int(idx))
+        else:
+            removed[names[li]][ax].append(int(idx))
     plans = {nm: _layer_plan(nm, metas[nm], removed[nm], layer_choice, dense[nm], scores[nm],
                              None if entry_scores is None else entry_scores[nm]) for nm in names}
     achieved, (tot, gone) = reduction(k), outcome(k)
+    order = [g.name for g in graph.groups] if graph is not None else []
     summary = {"target": str(tgt), "achieved": float(achieved), "within_tolerance": bool(achieved - tgt.fraction <= tolerance),
-               "units_removed": int(gone), "units_total": int(units.total), "params": int(tot[0]), "macs": int(tot[1])}
+               "units_removed": int(gone), "units_total": int(units.total), "params": int(tot[0]), "macs": int(tot[1]),
+               "removed": {g: sorted(groups[g]) for g in order if g in groups}}
     return plans, summary
 
 

@@ -53,6 +53,8 @@ class PruneSettings:
     * ``rank``: units ranked by predicted loss increase per unit of the target's metric saved
       (``"cost"``) or by predicted loss increase alone (``"score"``);
     * ``normalize``: ``"mean"`` divides each layer's (group's) scores by their mean before ranking;
+    * ``hybrid``: a KFE method removes whole channels of the groups coupled to depthwise / grouped
+      convs, which have no KFE form (:mod:`raykfe.hybrid`), in the same ranking;
     * ``progress``: progress bars on the statistics passes.
     """
 
@@ -73,6 +75,7 @@ class PruneSettings:
     recalibrate_batches: int = 10
     rank: str = "score"
     normalize: str = "none"
+    hybrid: bool = True
     progress: bool = False
 
     def __post_init__(self) -> None:
@@ -125,6 +128,6 @@ class PruneSettings:
             include_classifier=p.include_classifier, exclude=tuple(p.exclude), tolerance=p.tolerance,
             freeze_rotations=p.freeze_rotations, seed=cfg.seed, max_batches=s.max_batches,
             max_factor_dim=s.max_factor_dim, damping=p.damping, rounds=p.rounds, round_epochs=p.round_epochs,
-            steps=p.steps, recalibrate_batches=p.recalibrate_batches, rank=p.rank, normalize=p.normalize,
+            steps=p.steps, recalibrate_batches=p.recalibrate_batches, rank=p.rank, normalize=p.normalize, hybrid=p.hybrid,
             progress=cfg.progress,
         )
