@@ -460,7 +460,9 @@ class ChannelGraph:
                 self.skipped[name] = "excluded by prune.exclude (its output channels are kept)"
 
     def _group_of(self, model, name, root, group, dg, ops, unsafe, mod_name, param_owner, param_dim, outputs, excluded):
-        """(ChannelGroup or None, reason, names of the group's "out" modules)."""
+        """(ChannelGroup or None, reason, names of the group's "out" modules). (Long: one walk over
+        torch-pruning's group items that collects members, ties grouped convs and checks every
+        rule of the module docstring; the rules depend on each other's partial results.)"""
         reasons: list[str] = []
         raw: dict[tuple[str, str], tuple[list[int], list[int]]] = {}
         grouped: list[tuple[str, str, int, int]] = []  # (module, kind, G, width per conv group)
@@ -687,6 +689,25 @@ class ChannelGraph:
         return self._cost_vec(self._counts(removed))
 
     # ---------------------------------------------------------------- selection
+    def _check_select(self, scores, tgt: Target, max_layer_ratio: float, tolerance: float) -> Target:
+        if not scores:
+            example = next(iter(self.skipped.items()), None)
+            why = f" (e.g. {example[0]}: {example[1]})" if example else ""
+            raise ConfigError(
+                f"no channel group is scored: the model has {len(self.groups)} prunable groups and {len(self.skipped)} "
+                f"skipped layers{why}; use a KFE method or another model"
+            )
+        if tgt.kind == "directions":
+            raise ConfigError(
+                f"target {tgt} counts eigen-directions, which only the KFE methods have: "
+                "use 'params:F' or 'flops:F' with a channel method"
+            )
+        if not (0.0 < float(max_layer_ratio) <= 1.0):
+            raise ConfigError(f"prune.max_layer_ratio={max_layer_ratio} must be in (0, 1]")
+        if not float(tolerance) >= 0.0:
+            raise ConfigError(f"prune.tolerance={tolerance} must be >= 0")
+        return tgt
+
     def unit_cost(self, name: str, metric: int) -> int:
         """What removing one unit of group ``name`` saves of ``metric`` (0 params, 1 MACs) at the
         model's current widths."""
@@ -746,23 +767,7 @@ class ChannelGraph:
         ``base_params``, ``base_macs``, ``achieved``, ``removed_channels``, ``channels`` (units of
         the scored groups), ``target`` and ``within_tolerance`` (achieved - target <= tolerance).
         """
-        tgt = parse_target(target)
-        if not scores:
-            example = next(iter(self.skipped.items()), None)
-            why = f" (e.g. {example[0]}: {example[1]})" if example else ""
-            raise ConfigError(
-                f"no channel group is scored: the model has {len(self.groups)} prunable groups and {len(self.skipped)} "
-                f"skipped layers{why}; use a KFE method or another model"
-            )
-        if tgt.kind == "directions":
-            raise ConfigError(
-                f"target {tgt} counts eigen-directions, which only the KFE methods have: "
-                "use 'params:F' or 'flops:F' with a channel method"
-            )
-        if not (0.0 < float(max_layer_ratio) <= 1.0):
-            raise ConfigError(f"prune.max_layer_ratio={max_layer_ratio} must be in (0, 1]")
-        if not float(tolerance) >= 0.0:
-            raise ConfigError(f"prune.tolerance={tolerance} must be >= 0")
+        tgt = self._check_select(scores, parse_target(target), max_layer_ratio, tolerance)
         metric = 1 if tgt.kind == "flops" else 0
         base = (self.base_params, self.base_macs)[metric]
         units = self.eligible_units(scores, metric, max_layer_ratio, caps, rank, normalize)

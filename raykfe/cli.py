@@ -53,62 +53,74 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _run(args) -> int:
+def _config(args) -> int:
     import yaml
 
     from .config import config_to_dict, load_config
 
-    if args.command == "config":
-        cfg = load_config(args.config, args.overrides)
-        print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), end="")
-        return 0
-    if args.command == "methods":
-        from .methods import METHODS
-        from .report import format_table
+    print(yaml.safe_dump(config_to_dict(load_config(args.config, args.overrides)), sort_keys=False), end="")
+    return 0
 
-        rows = [[m.name, m.space, m.statistics, m.summary] for m in METHODS.values()]
-        print(format_table(["method", "removes", "statistics", "what it does"], rows))
-        return 0
-    if args.command == "report":
-        from .checkpoint import read_file, read_manifest
-        from .storage import open_uri
-        from .sweep import read_sweep
 
-        sweep = read_sweep(args.uri)
-        if sweep is not None:
-            loc = open_uri(args.uri)
-            print(loc.read_bytes("trials.md").decode())
-            print(loc.read_bytes("front.md").decode(), end="")
-            return 0
-        manifest = read_manifest(args.uri)
-        print(read_file(args.uri, "report.md", manifest).decode(), end="")
-        return 0
-    if args.command == "export":
-        from .export import export
+def _methods(args) -> int:
+    from .methods import METHODS
+    from .report import format_table
 
-        info = export(args.uri, args.out, args.format, base=args.base, input_shape=args.input_shape, force=args.force)
-        print(info.summary())
+    rows = [[m.name, m.space, m.statistics, m.summary] for m in METHODS.values()]
+    print(format_table(["method", "removes", "statistics", "what it does"], rows))
+    return 0
+
+
+def _print_sweep(uri: str, end: str = "") -> None:
+    from .storage import open_uri
+
+    loc = open_uri(uri)
+    print(loc.read_bytes("trials.md").decode())
+    print(loc.read_bytes("front.md").decode(), end=end)
+
+
+def _report(args) -> int:
+    from .checkpoint import read_file, read_manifest
+    from .sweep import read_sweep
+
+    if read_sweep(args.uri) is not None:
+        _print_sweep(args.uri)
         return 0
+    print(read_file(args.uri, "report.md", read_manifest(args.uri)).decode(), end="")
+    return 0
+
+
+def _export(args) -> int:
+    from .export import export
+
+    print(export(args.uri, args.out, args.format, base=args.base, input_shape=args.input_shape, force=args.force).summary())
+    return 0
+
+
+def _overrides(args) -> list[str]:
     overrides = list(args.overrides) + (["progress=false"] if args.quiet else [])
     overrides += [f"ray.address={args.address}"] if args.address else []
-    if args.command == "sweep":
-        from .sweep import read_sweep, run_sweep
+    return overrides + (["runtime=local"] if getattr(args, "local", False) else [])
 
-        cfg = load_config(args.config, overrides)
-        summary = run_sweep(cfg, log=lambda m: print(m, file=sys.stderr))
-        from .storage import open_uri
 
-        loc = open_uri(cfg.output.uri)
-        print(loc.read_bytes("trials.md").decode())
-        print(loc.read_bytes("front.md").decode())
-        print(f"{summary['done']} of {summary['trials']} trials finished ({summary['stopped']} stopped early by ASHA, "
-              f"{summary['errors']} failed); front plot: {cfg.output.uri.rstrip('/')}/front.png")
-        return 0
-    overrides += ["runtime=local"] if args.local else []
-    cfg = load_config(args.config, overrides)
+def _sweep(args) -> int:
+    from .config import load_config
+    from .sweep import run_sweep
+
+    cfg = load_config(args.config, _overrides(args))
+    summary = run_sweep(cfg, log=lambda m: print(m, file=sys.stderr))
+    _print_sweep(cfg.output.uri, end="\n")
+    print(f"{summary['done']} of {summary['trials']} trials finished ({summary['stopped']} stopped early by ASHA, "
+          f"{summary['errors']} failed); front plot: {cfg.output.uri.rstrip('/')}/front.png")
+    return 0
+
+
+def _prune(args) -> int:
+    from .config import load_config
     from .pipeline import run_job
     from .report import job_table
 
+    cfg = load_config(args.config, _overrides(args))
     backend = None
     if cfg.runtime == "ray":
         from .distributed.backend import RayBackend
@@ -121,6 +133,13 @@ def _run(args) -> int:
         print(job.result.table())
     print(f"\nresult: {cfg.output.uri}")
     return 0
+
+
+_COMMANDS = {"config": _config, "methods": _methods, "report": _report, "export": _export, "sweep": _sweep, "prune": _prune}
+
+
+def _run(args) -> int:
+    return _COMMANDS[args.command](args)
 
 
 def main(argv: list[str] | None = None) -> int:

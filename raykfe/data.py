@@ -609,6 +609,8 @@ def _load_cifar(
     augment: bool,
     num_classes: int | None,
 ) -> DataSplits:
+    """CIFAR-10/100 from a local folder or a bucket, split and wrapped. (Long: finding the files
+    on either kind of root, reading, checking and splitting them read best as one sequence.)"""
     folder_name, train_files, test_files, meta_file = _cifar_files(name)
     label_key, k = ("labels", 10) if name == "cifar10" else ("fine_labels", 100)
     _check_num_classes(name, num_classes, k)
@@ -733,6 +735,8 @@ def _load_imagefolder(
     augment: bool,
     num_classes: int | None,
 ) -> DataSplits:
+    """An ImageFolder tree from a local folder, a local mirror of a bucket or a streamed bucket.
+    (Long: the three kinds of root share the listing, the class map and the split, in order.)"""
     name = "imagefolder"
     what = "train/<class>/*.png|jpg (and optionally val/<class>/...)"
     items: dict[str, list[Any]] = {}
@@ -815,7 +819,8 @@ def _load_parquet(
     num_classes: int | None,
 ) -> DataSplits:
     """Parquet shards ``train-*.parquet`` (required) and ``val-*.parquet`` (optional, the test set)
-    under a local folder or object storage; read by row group as needed (:mod:`raykfe.stream`)."""
+    under a local folder or object storage; read by row group as needed (:mod:`raykfe.stream`).
+    (Long: listing, schema checks, row-group index and split read best as one sequence.)"""
     name = "parquet"
     what = "parquet shards train-*.parquet (and optionally val-*.parquet) with columns image, label"
     if is_remote_root(root):

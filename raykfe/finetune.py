@@ -178,7 +178,8 @@ def train(
     history: list[dict[str, Any]] | None = None,
     eval_module: nn.Module | None = None,
 ) -> list[dict[str, Any]]:
-    """Train ``model`` in place with SGD; returns one record per epoch.
+    """Train ``model`` in place with SGD; returns one record per epoch. (Long: the epoch loop keeps
+    its resume, divergence, validation and checkpoint rules in their order, in one place.)
 
     The rate of every batch is ``lr * lr_factor(...)`` (:func:`lr_factor`; KFE rotations times
     ``rotation_lr``), so a resumed run (``start_epoch`` epochs done, ``history`` their records,

@@ -416,39 +416,17 @@ def select(
     names = list(scores)
     units = _eligible(scores, metas, names, None if tgt.kind == "directions" else metric, max_layer_ratio, caps, rank,
                       normalize)
-    graph = None
-    if channels is not None and tgt.kind != "directions":
-        graph, chan_scores, chan_caps = channels
-        units = units.merged(graph.eligible_units(chan_scores, metric, max_layer_ratio, chan_caps, rank, normalize))
-    dense = {n: dense_cost(metas[n]) for n in names}
-    base = np.array([base_params, base_macs], dtype=np.int64)
-    dense_total = np.array([sum(dense[n][i] for n in names) for i in range(2)], dtype=np.int64)
-
-    def layer_choice(name: str, r_in: int, r_out: int) -> tuple[str, tuple[int, int]]:
-        kfe = kfe_cost(metas[name], r_in, r_out)
-        return ("kfe", kfe) if kfe[metric] < dense[name][metric] else ("dense", dense[name])
-
-    def outcome(k: int) -> tuple[np.ndarray, int]:
-        """(params, MACs) of the whole model and the units really removed when the k first
-        eligible units go (a layer left dense keeps all of its own directions)."""
-        lay, ax = units.layer[:k], units.axis[:k]
-        c = np.zeros((len(names), 2), dtype=np.int64)
-        np.add.at(c, (lay[ax < 2], ax[ax < 2]), 1)
-        gone = int((ax == 2).sum())
-        tot = (base if graph is None else np.array(graph.cost_of_counts(np.bincount(lay[ax == 2], minlength=len(graph.groups))),
-                                                    dtype=np.int64)) - dense_total
-        for li, name in enumerate(names):
-            action, cost = layer_choice(name, metas[name]["d_in"] - c[li, 1], metas[name]["d_out"] - c[li, 0])
-            tot = tot + np.array(cost, dtype=np.int64)
-            gone += int(c[li].sum()) if action == "kfe" else 0
-        return tot, gone
+    graph = channels[0] if channels is not None and tgt.kind != "directions" else None
+    if graph is not None:
+        units = units.merged(graph.eligible_units(channels[1], metric, max_layer_ratio, channels[2], rank, normalize))
+    ev = _Evaluator(metas, names, units, graph, np.array([base_params, base_macs], dtype=np.int64), metric)
 
     def reduction(k: int) -> float:
         """Monotone non-decreasing in k: more removed units never make a layer larger."""
-        tot, gone = outcome(k)
+        tot, gone = ev.outcome(k)
         if tgt.kind == "directions":
             return gone / units.total if units.total else 0.0
-        return 1.0 - tot[metric] / base[metric]
+        return 1.0 - tot[metric] / ev.base[metric]
 
     n = units.layer.size
     best = reduction(n)
@@ -459,6 +437,52 @@ def select(
             " or set prune.include_classifier=true"
         )
     k = smallest_meeting(reduction, n, tgt.fraction)  # a target is met, never undershot
+    removed, groups = _split_removed(units, k, names, graph)
+    plans = {nm: _layer_plan(nm, metas[nm], removed[nm], ev.layer_choice, ev.dense[nm], scores[nm],
+                             None if entry_scores is None else entry_scores[nm]) for nm in names}
+    achieved, (tot, gone) = reduction(k), ev.outcome(k)
+    summary = {"target": str(tgt), "achieved": float(achieved), "within_tolerance": bool(achieved - tgt.fraction <= tolerance),
+               "units_removed": int(gone), "units_total": int(units.total), "params": int(tot[0]), "macs": int(tot[1]),
+               "removed": groups}
+    return plans, summary
+
+
+class _Evaluator:
+    """The exact (params, MACs) of the model when the k first units of a ranking go: every KFE
+    layer in its cheaper form (three layers or dense, by the target's metric), the channel groups
+    of a hybrid plan through the graph's cost model (the two never change each other's cost)."""
+
+    def __init__(self, metas, names, units: _Units, graph, base: np.ndarray, metric: int) -> None:
+        self.metas, self.names, self.units, self.graph, self.base, self.metric = metas, names, units, graph, base, metric
+        self.dense = {n: dense_cost(metas[n]) for n in names}
+        self.dense_total = np.array([sum(self.dense[n][i] for n in names) for i in range(2)], dtype=np.int64)
+
+    def layer_choice(self, name: str, r_in: int, r_out: int) -> tuple[str, tuple[int, int]]:
+        kfe = kfe_cost(self.metas[name], r_in, r_out)
+        return ("kfe", kfe) if kfe[self.metric] < self.dense[name][self.metric] else ("dense", self.dense[name])
+
+    def outcome(self, k: int) -> tuple[np.ndarray, int]:
+        """(params, MACs) of the whole model and the units really removed (a layer left dense
+        keeps all of its own directions)."""
+        lay, ax = self.units.layer[:k], self.units.axis[:k]
+        c = np.zeros((len(self.names), 2), dtype=np.int64)
+        np.add.at(c, (lay[ax < 2], ax[ax < 2]), 1)
+        gone = int((ax == 2).sum())
+        tot = self.base
+        if self.graph is not None:
+            tot = np.array(self.graph.cost_of_counts(np.bincount(lay[ax == 2], minlength=len(self.graph.groups))), dtype=np.int64)
+        tot = tot - self.dense_total
+        for li, name in enumerate(self.names):
+            m = self.metas[name]
+            action, cost = self.layer_choice(name, m["d_in"] - c[li, 1], m["d_out"] - c[li, 0])
+            tot = tot + np.array(cost, dtype=np.int64)
+            gone += int(c[li].sum()) if action == "kfe" else 0
+        return tot, gone
+
+
+def _split_removed(units: _Units, k: int, names: list[str], graph) -> tuple[dict[str, tuple[list, list]], dict[str, list[int]]]:
+    """The k first units as ``{layer: (rows, columns)}`` and ``{group: sorted channels}`` (groups
+    in the graph's forward order)."""
     removed = {nm: ([], []) for nm in names}
     groups: dict[str, list[int]] = {}
     for li, ax, idx in zip(units.layer[:k], units.axis[:k], units.index[:k]):
@@ -466,14 +490,8 @@ def select(
             groups.setdefault(graph.groups[int(li)].name, []).append(int(idx))
         else:
             removed[names[li]][ax].append(int(idx))
-    plans = {nm: _layer_plan(nm, metas[nm], removed[nm], layer_choice, dense[nm], scores[nm],
-                             None if entry_scores is None else entry_scores[nm]) for nm in names}
-    achieved, (tot, gone) = reduction(k), outcome(k)
     order = [g.name for g in graph.groups] if graph is not None else []
-    summary = {"target": str(tgt), "achieved": float(achieved), "within_tolerance": bool(achieved - tgt.fraction <= tolerance),
-               "units_removed": int(gone), "units_total": int(units.total), "params": int(tot[0]), "macs": int(tot[1]),
-               "removed": {g: sorted(groups[g]) for g in order if g in groups}}
-    return plans, summary
+    return removed, {g: sorted(groups[g]) for g in order if g in groups}
 
 
 def _layer_plan(name: str, m: dict, removed: tuple[list, list], layer_choice, dense: tuple[int, int], scores,

@@ -448,7 +448,8 @@ def write_parquet_shards(
     ``rows_per_shard`` rows in row groups of ``rows_per_group``. The image files' bytes are stored
     as they are (no re-encoding); ``label`` is the index of the class in the sorted class names of
     ``train/``, which are also stored in the schema metadata (``raykfe.classes``); ``path`` is the
-    image's path relative to ``tree``.
+    image's path relative to ``tree``. (Long: scanning, batching rows and writing each shard
+    with its metadata is one sequence.)
     """
     import pyarrow as pa
     import pyarrow.parquet as pq

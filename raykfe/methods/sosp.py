@@ -420,16 +420,7 @@ def sosp_i_stats(
             m = max(1, min(n_ex, _U_BUDGET // max(1, S * C)))
             for lo in range(0, n_ex, m):
                 xm, pm, rm = x[lo : lo + m], p[lo : lo + m].to(torch.float64), r[lo : lo + m].to(torch.float64)
-                f = func.fn(xm)
-                U = torch.empty(S, xm.shape[0], C, dtype=torch.float64, device=device)  # [S, m, C]
-                for start in starts:
-                    T = tangents(start)
-                    with torch.no_grad():
-                        if T[0].shape[0] == 1:
-                            u = jvp(f, func.primals, tuple(t[0] for t in T))[1][None]
-                        else:
-                            u = vmap(lambda *t: jvp(f, func.primals, t)[1])(*T)
-                    U[start : start + u.shape[0]] = u.to(torch.float64)
+                U = _structure_jvps(func.fn(xm), func.primals, tangents, starts, (S, xm.shape[0], C), device)
                 V = (U * pm.sqrt()[None]).reshape(S, -1)  # [S, m*C]
                 W = torch.einsum("smc,mc->sm", U, pm)  # [S, m]
                 q_sum += V @ V.T - W @ W.T
@@ -439,6 +430,21 @@ def sosp_i_stats(
         raise ConfigError("no batch was seen: the data given for SOSP statistics is empty")
     q_sum = 0.5 * (q_sum + q_sum.T)  # exactly symmetric (the matmuls are only up to rounding)
     return SospIStats(q_sum, g_sum, count)
+
+
+def _structure_jvps(f, primals, tangents, starts, shape, device) -> torch.Tensor:
+    """``U [S, m, C]``: the logits' JVP along every structure's tangent, ``chunk`` structures per
+    vmapped call (``tangents(start)`` gives them; a chunk of one is a plain JVP)."""
+    U = torch.empty(*shape, dtype=torch.float64, device=device)
+    for start in starts:
+        T = tangents(start)
+        with torch.no_grad():
+            if T[0].shape[0] == 1:
+                u = jvp(f, primals, tuple(t[0] for t in T))[1][None]
+            else:
+                u = vmap(lambda *t: jvp(f, primals, t)[1])(*T)
+        U[start : start + u.shape[0]] = u.to(torch.float64)
+    return U
 
 
 def sosp_i_scores(stats: SospIStats) -> np.ndarray:
