@@ -11,7 +11,8 @@ A job file has the sections below (every key optional, defaults shown by ``raykf
     base:     {epochs, lr, momentum, weight_decay, milestones, batch_size}   # trains a base model
     stats:    {fisher, conv_mode, batch_size, max_batches, max_factor_dim}
     prune:    {method, target, max_layer_ratio, include_classifier, exclude, tolerance, freeze_rotations,
-               rounds, round_epochs, damping, steps, recalibrate_batches, rank, normalize, hybrid}
+               rounds, round_epochs, damping, steps, recalibrate_batches, recalibrate_on, rank, normalize,
+               hybrid}
     sparsity: {epochs, lr, ..., bn_l1}  # network slimming's sparsity training (prune.method=slimming)
     finetune: {epochs, lr, momentum, weight_decay, milestones, batch_size, bn_l1}
     output:   {uri, overwrite}
@@ -163,6 +164,7 @@ class PruneConfig:
     damping: float = 1e-3  # Tikhonov damping of the K-FAC inverses (c-obs, kron-obs), relative to the mean diagonal
     steps: int = 1  # one-shot prune steps, statistics re-collected between them (no training)
     recalibrate_batches: int = 10  # BatchNorm statistics re-estimated after surgery from this many batches (0: off)
+    recalibrate_on: str = "driver"  # "driver" (in the job's process) or "workers" (sharded, all-reduced)
     rank: str = "score"  # "cost": loss per MAC / parameter saved; "score": loss alone
     normalize: str = "none"  # "mean": scores divided by their layer's mean before the global ranking
     hybrid: bool = True  # KFE methods remove channels of the groups coupled to depthwise / grouped convs
@@ -194,6 +196,7 @@ class PruneConfig:
         _check(self.steps == 1 or tgt.kind != "directions", f"{p}.steps", self.steps, "steps aim at params:F or flops:F")
         _check(self.recalibrate_batches >= 0, f"{p}.recalibrate_batches", self.recalibrate_batches,
                "use 0 (off) or a number of batches, e.g. 10")
+        _check(self.recalibrate_on in ("driver", "workers"), f"{p}.recalibrate_on", self.recalibrate_on, "use driver or workers")
         _check(self.rank in ("cost", "score"), f"{p}.rank", self.rank, "use cost or score")
         _check(self.normalize in ("none", "mean"), f"{p}.normalize", self.normalize, "use none or mean")
 

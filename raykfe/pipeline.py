@@ -123,8 +123,12 @@ class JobSource:
         self.store.save(f"round{r}", state, {"plan": plan.to_dict()})
 
     def bn_sums(self, model, plan, n_batches):
-        """In the driver, over the first ``n_batches`` statistics batches of the training split:
-        a few forward passes cost less than a Ray Train run's start-up (BENCHMARKS.md)."""
+        """Over the first ``n_batches`` statistics batches of the training split: in the driver
+        (``prune.recalibrate_on: driver``, the default: a few forward passes cost less than a Ray
+        Train run's start-up, BENCHMARKS.md), or sharded over the backend's workers and
+        all-reduced (``workers``: where the data and the accelerators are on a cluster)."""
+        if self.job.cfg.prune.recalibrate_on == "workers":
+            return self.backend.measure(self._recipe(plan), state_of(model), "bn", {"batches": n_batches})
         return bn_sums(model, make_loader(self.job.splits.train, self.job.cfg.stats.batch_size, shuffle=False),
                        {"batches": n_batches})
 

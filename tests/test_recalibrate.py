@@ -116,3 +116,29 @@ def test_errors():
         recalibrate(model, _batches(1), n_batches=0)
     with pytest.raises(ConfigError, match="no batch"):
         recalibrate(model, [], n_batches=3)
+
+
+@pytest.mark.ray
+def test_recalibration_sums_on_two_ray_workers_equal_the_driver(ray_cluster, tmp_path):
+    """``prune.recalibrate_on: workers``: each Train worker sums its shard's BatchNorm inputs and
+    the sums are all-reduced; with whole batches per worker (4 batches on 2 workers) the batches
+    are the driver's, so the sums are the driver's up to float rounding."""
+    from raykfe.backend import JobContext
+    from raykfe.checkpoint import ModelRecipe
+    from raykfe.config import load_config
+    from raykfe.data import job_splits, make_loader
+    from raykfe.distributed.backend import RayBackend
+    from raykfe.finetune import state_of
+
+    cfg = load_config("jobs/digits.yaml", ["model.name=resnet8", "data.image_size=16", "stats.batch_size=16",
+                                           "ray.workers=2", "progress=false", f"output.uri={tmp_path / 'o'}"])
+    torch.manual_seed(0)
+    model = build_model("resnet8", 10)
+    backend = RayBackend(cfg)
+    backend.open(JobContext.of(cfg))
+    got = backend.measure(ModelRecipe(dict(model.raykfe_spec)), state_of(model), "bn", {"batches": 4})
+    want = bn_sums(model, make_loader(job_splits(cfg.data, cfg.seed).train, 16, shuffle=False), {"batches": 4})
+    assert set(got) == set(want)
+    for k in want:
+        torch.testing.assert_close(got[k].to(DT), want[k].to(DT), rtol=1e-5, atol=1e-3)
+    assert float(want[next(k for k in want if k.endswith("::count"))]) == 4 * 16 * 16 * 16

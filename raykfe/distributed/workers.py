@@ -118,15 +118,17 @@ def _leave(config: dict, key: str, value) -> None:
     ray.get(config["inbox"].put.remote(key, value))
 
 
-def _shard_batches(ctx, rank: int, world: int, splits, fault: dict | None, stage: str):
+def _shard_batches(ctx, rank: int, world: int, splits, fault: dict | None, stage: str, max_batches: int | None = None):
     """This worker's shard of the statistics data, as batches: of the first ``n`` training examples
-    (``n`` capped by ``stats.max_batches``; nothing beyond them is read), rank r takes the r-th of
-    ``world`` contiguous slices, so that a sharded store is read in runs, each row group by one rank.
-    The statistics are sums, so the split does not change them."""
+    (``n`` capped by ``max_batches``, else ``stats.max_batches``, times the batch size; nothing
+    beyond them is read), rank r takes the r-th of ``world`` contiguous slices, so that a sharded
+    store is read in runs, each row group by one rank. The statistics are sums, so the split does
+    not change them."""
     s = ctx.stats
     n = len(splits.train)
-    if s.max_batches is not None:
-        n = min(n, s.max_batches * s.batch_size)
+    cap = max_batches if max_batches is not None else s.max_batches
+    if cap is not None:
+        n = min(n, cap * s.batch_size)
     workers = int(getattr(splits.train, "workers", 0) or 0)
     order = worker_local_order(range(rank * n // world, (rank + 1) * n // world), s.batch_size, workers)
     subset = IndexedSubset(splits.train, order)
@@ -145,7 +147,8 @@ def _statistics_run(config: dict, compute, reduce, describe: str):
     model.to(device)
     stage = config["stage"]
     t0 = time.perf_counter()
-    result, examples = compute(model, _shard_batches(ctx, rank, world, splits, config.get("fault"), stage), ctx)
+    shard = _shard_batches(ctx, rank, world, splits, config.get("fault"), stage, config.get("max_batches"))
+    result, examples = compute(model, shard, ctx)
     seconds = time.perf_counter() - t0
     t0 = time.perf_counter()
     result = reduce(result, config["bucket_mb"] << 20, device if device.type == "cuda" else None)
@@ -184,6 +187,7 @@ def measure_worker(config: dict) -> None:
     def reduce(sums, bucket_bytes, device):
         return {k: v.contiguous() for k, v in allreduce_tensors(sums, bucket_bytes=bucket_bytes, device=device).items()}
 
+    config = {**config, "max_batches": config["spec"].get("batches")}  # e.g. BatchNorm recalibration's batches in all
     _statistics_run(config, compute, reduce, f"{config['kind']} statistics")
 
 
