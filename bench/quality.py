@@ -48,6 +48,7 @@ import copy
 import hashlib
 import json
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -119,7 +120,7 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def one_line(exc: BaseException, limit: int = 160) -> str:
+def one_line(exc: BaseException, limit: int = 220) -> str:
     text = (f"{type(exc).__name__}: {exc}".strip().splitlines() or [type(exc).__name__])[0].replace("|", "/")
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
@@ -203,6 +204,7 @@ class Setup:
     prune_batches: list[tuple[torch.Tensor, torch.Tensor]]
     recal: list[torch.Tensor]
     base_info: dict
+    cache_dir: Path
     grads: dict = field(default_factory=dict)  # tp criterion -> (grads, seconds)
 
 
@@ -215,12 +217,11 @@ def base_model(arch: str, seed: int, data, args) -> tuple[nn.Module, dict]:
     if path.is_file() and meta_path.is_file():
         model.load_state_dict(load_file(str(path)))
         meta = json.loads(meta_path.read_text())
-        log(f"[{arch} seed {seed}] base from {path}")
     else:
         log(f"[{arch} seed {seed}] training the base, {args.base_epochs} epochs")
         secs = train_sgd(model, *data["train"], args.base_epochs, BASE_RECIPE, seed)
         args.cache.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
         os.replace(tmp, path)
         meta = {"train_seconds": secs, "epochs": args.base_epochs, "recipe": BASE_RECIPE.__dict__}
@@ -243,9 +244,7 @@ def make_setup(arch: str, seed: int, args) -> Setup:
                 val=evaluate(base, *data["val"]), val_recalibrated=evaluate(calibrated, *data["val"]),
                 test_recalibrated=evaluate(calibrated, *data["test"]),
                 sizes={k: len(v[1]) for k, v in data.items()})
-    log(f"[{arch} seed {seed}] base: test {meta['test']['acc']:.2f}% (loss {meta['test']['loss']:.4f}), "
-        f"{counts.params} params, {counts.macs} MACs")
-    return Setup(arch, seed, data, base, example, prune_batches, recal, meta)
+    return Setup(arch, seed, data, base, example, prune_batches, recal, meta, args.cache)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -274,19 +273,31 @@ def prune_raykfe(setup: Setup, arm: Arm, frac: float, tp_cache: dict) -> Pruned:
     return Pruned(res.model, secs, predicted, {"timings": res.timings, "plan_achieved": achieved})
 
 
-def tp_grads(setup: Setup, criterion: str) -> tuple[Any, float]:
-    """The criterion's gradient statistics on the pruning examples, once per setup (with seconds)."""
+def tp_grads(setup: Setup, criterion: str, cache_dir: Path) -> tuple[Any, float]:
+    """The criterion's gradient statistics on the pruning examples (with the seconds they took), once
+    per base: kept in memory and under ``cache_dir`` (every target of a base reads the same)."""
     if criterion not in setup.grads:
-        t0 = time.perf_counter()
-        grads = criterion_grads(setup.base, criterion, setup.prune_batches)
-        setup.grads[criterion] = (grads, time.perf_counter() - t0)
+        stem = cache_dir / f"tp-grads-{setup.base_info['sha256'][:16]}-{criterion}-n{len(setup.prune_batches)}x{BATCH}"
+        st, meta = stem.with_suffix(".safetensors"), stem.with_suffix(".json")
+        if criterion == "magnitude":
+            setup.grads[criterion] = (None, 0.0)
+        elif st.is_file() and meta.is_file():
+            setup.grads[criterion] = (load_file(str(st)), json.loads(meta.read_text())["seconds"])
+        else:
+            t0 = time.perf_counter()
+            grads = criterion_grads(setup.base, criterion, setup.prune_batches)
+            secs = time.perf_counter() - t0
+            save_file({k: v.contiguous() for k, v in grads.items()}, str(st) + f".{os.getpid()}.tmp")
+            os.replace(str(st) + f".{os.getpid()}.tmp", st)
+            write_json(meta, {"seconds": secs})
+            setup.grads[criterion] = (grads, secs)
     return setup.grads[criterion]
 
 
 def prune_tp(setup: Setup, arm: Arm, frac: float, tp_cache: dict) -> Pruned:
     """torch-pruning, global ratio bisected to the MACs target (or taken from the ratio cache)."""
     criterion = arm.kwargs["criterion"]
-    grads, grad_secs = tp_grads(setup, criterion)
+    grads, grad_secs = tp_grads(setup, criterion, setup.cache_dir)
     key = "|".join([setup.arch, f"seed{setup.seed}", setup.base_info["sha256"][:16], criterion, f"{frac:g}",
                     f"n{len(setup.prune_batches)}x{BATCH}", f"tol{TOLERANCE:g}", tp.__version__])
     with warnings.catch_warnings():
@@ -523,7 +534,9 @@ def render(res: dict) -> str:
         f"{FINETUNE_RECIPE.weight_decay:g}, batch {BATCH}, cosine. Base test accuracy (mean of seeds): {bases}. "
         f"Test split: {m.get('test_size', '?')} images (one image = {100 / max(1, m.get('test_size', 1)):.2f} points). "
         f"torch-pruning {m['torch_pruning']}, torch {m['torch']}, raykfe {m['raykfe_commit']}; "
-        f"wall time {m.get('wall_seconds', 0) / 60:.1f} min.",
+        f"wall time {m.get('wall_seconds', 0) / 60:.1f} min with {o.get('jobs', 1)} process(es) x {o['threads']} "
+        f"thread(s), CPU time {m.get('cpu_seconds', 0) / 60:.1f} min, load average of the machine "
+        f"{m.get('load_average_start', ['?'])[0]:.1f} at the start, {m.get('load_average_end', ['?'])[0]:.1f} at the end.",
         "### Test accuracy / loss", *accuracy_tables(res),
     ]
     summary = summary_table(res)
@@ -583,7 +596,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--base-epochs", type=int, default=20)
     ap.add_argument("--prune-examples", type=int, default=640)
     ap.add_argument("--recal-batches", type=int, default=10)
-    ap.add_argument("--threads", type=int, default=1, help="torch threads (1: fastest on the shared 2 cores)")
+    ap.add_argument("--jobs", type=int, default=2, help="processes, each taking one (arch, seed, target) at a time")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads per process (1: fastest on the shared 2 cores)")
     ap.add_argument("--cache", type=Path, default=Path("results/bench-cache"))
     ap.add_argument("--out", type=Path, default=Path("results/bench-quality"))
     ap.add_argument("--render", type=Path, default=None, help="print the tables of a results JSON, run nothing")
@@ -620,49 +634,100 @@ def code_version() -> str:
 
 def write_json(path: Path, obj) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp = path.with_suffix(path.suffix + f".{os.getpid()}.tmp")
     tmp.write_text(json.dumps(obj, indent=1))
     os.replace(tmp, path)
 
 
 def new_results(args) -> dict:
     opts = {k: getattr(args, k) for k in ("archs", "seeds", "targets", "budgets", "image_size", "base_epochs",
-                                          "prune_examples", "recal_batches", "threads")}
+                                          "prune_examples", "recal_batches", "jobs", "threads")}
     meta = {"command": " ".join(sys.argv), "options": {**opts, "arms": args.arm_names},
-            "started": time.strftime("%Y-%m-%d %H:%M:%S"), "raykfe_file": raykfe.__file__,
+            "started": time.strftime("%Y-%m-%d %H:%M:%S"), "load_average_start": os.getloadavg(), "raykfe_file": raykfe.__file__,
             "raykfe_commit": code_version(), "torch": torch.__version__, "torch_pruning": tp.__version__,
             "base_recipe": BASE_RECIPE.__dict__, "finetune_recipe": FINETUNE_RECIPE.__dict__, "tolerance": TOLERANCE}
     return {"meta": meta, "arms": {n: {"kind": ARMS[n].kind, "kwargs": ARMS[n].kwargs} for n in args.arm_names},
             "bases": {}, "cells": []}
 
 
+def _worker_init(threads: int) -> None:
+    torch.set_num_threads(threads)
+    warnings.simplefilter("ignore")
+
+
+def base_task(task) -> tuple[str, dict]:
+    """Train (or load) one base and measure it."""
+    arch, seed, args = task
+    info = make_setup(arch, seed, args).base_info
+    log(f"[{arch} seed {seed}] base: test {info['test']['acc']:.2f}% (loss {info['test']['loss']:.4f}), "
+        f"{info['params']} params, {info['macs']} MACs")
+    return f"{arch}|{seed}", info
+
+
+def unit_task(task) -> tuple[int, list[dict], dict]:
+    """Every arm at one (arch, seed, target); returns the cells and the new torch-pruning ratios."""
+    index, arch, seed, frac, arms, args, tp_cache = task
+    setup = make_setup(arch, seed, args)
+    cache = dict(tp_cache)
+    cells = []
+    for name, arm in arms.items():
+        cells.append(run_cell(setup, name, arm, frac, args.budgets, cache))
+        log(describe(cells[-1]))
+    return index, cells, {k: v for k, v in cache.items() if k not in tp_cache}
+
+
+def mapper(args):
+    """``imap_unordered`` of a pool of ``args.jobs`` spawned processes (``map`` in this process for 1)."""
+    if args.jobs <= 1:
+        _worker_init(args.threads)
+        return map, None
+    import multiprocessing as mp
+
+    pool = mp.get_context("spawn").Pool(args.jobs, initializer=_worker_init, initargs=(args.threads,))
+    return pool.imap_unordered, pool
+
+
 def run(args) -> dict:
-    torch.set_num_threads(args.threads)
     res = new_results(args)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    path = args.out / f"{stamp}.json"
+    path = args.out / f"{time.strftime('%Y%m%d-%H%M%S')}.json"
     tp_path = args.cache / "tp-ratios.json"
     tp_cache = json.loads(tp_path.read_text()) if tp_path.is_file() else {}
-    log(f"raykfe from {raykfe.__file__} ({res['meta']['raykfe_commit']}); results -> {path}")
+    log(f"raykfe from {raykfe.__file__} ({res['meta']['raykfe_commit']}); {args.jobs} process(es) x "
+        f"{args.threads} thread(s); results -> {path}")
     t0 = time.perf_counter()
-    for arch in args.archs:
-        for seed in args.seeds:
-            setup = make_setup(arch, seed, args)
-            res["bases"][f"{arch}|{seed}"] = setup.base_info
-            res["meta"]["test_size"] = setup.base_info["sizes"]["test"]
-            for frac in args.targets:
-                for name in args.arm_names:
-                    rec = run_cell(setup, name, ARMS[name], frac, args.budgets, tp_cache)
-                    log(describe(rec))
-                    res["cells"].append(rec)
-                    res["meta"]["wall_seconds"] = time.perf_counter() - t0
-                    write_json(path, res)
+    imap, pool = mapper(args)
+    try:
+        res["bases"] = dict(imap(base_task, [(a, s, args) for a in args.archs for s in args.seeds]))
+        res["meta"]["test_size"] = next(iter(res["bases"].values()))["sizes"]["test"]
+        arms = {n: ARMS[n] for n in args.arm_names}
+        costly = sorted(args.archs, key=lambda a: -res["bases"][f"{a}|{args.seeds[0]}"]["macs"])
+        tasks = [(i, a, s, t, arms, args, tp_cache) for i, (a, t, s) in enumerate(
+            (a, t, s) for a in costly for t in args.targets for s in args.seeds)]
+        for _, cells, new in imap(unit_task, tasks):
+            res["cells"] = sorted(res["cells"] + cells, key=cell_order(args))
+            tp_cache.update(new)
+            res["meta"]["wall_seconds"] = time.perf_counter() - t0
+            write_json(path, res)
             write_json(tp_path, tp_cache)
-    res["meta"]["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
+    finally:
+        if pool is not None:
+            pool.close()
+            pool.join()
+    usage = [resource.getrusage(w) for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
+    res["meta"].update(finished=time.strftime("%Y-%m-%d %H:%M:%S"), load_average_end=os.getloadavg(),
+                       cpu_seconds=sum(u.ru_utime + u.ru_stime for u in usage))
     write_json(path, res)
     log(f"done in {(time.perf_counter() - t0) / 60:.1f} min; raw results: {path}")
     res["meta"]["json"] = str(path)
     return res
+
+
+def cell_order(args):
+    """Cells sorted as the options list them (arch, seed, target, arm): the JSON is the same for any
+    number of processes."""
+    pos = {k: {v: i for i, v in enumerate(getattr(args, k))} for k in ("archs", "seeds", "targets", "arm_names")}
+    return lambda c: (pos["archs"][c["arch"]], pos["seeds"][c["seed"]], pos["targets"][c["target"]],
+                      pos["arm_names"][c["arm"]])
 
 
 def main(argv=None) -> None:
