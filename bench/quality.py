@@ -534,9 +534,8 @@ def render(res: dict) -> str:
         f"{FINETUNE_RECIPE.weight_decay:g}, batch {BATCH}, cosine. Base test accuracy (mean of seeds): {bases}. "
         f"Test split: {m.get('test_size', '?')} images (one image = {100 / max(1, m.get('test_size', 1)):.2f} points). "
         f"torch-pruning {m['torch_pruning']}, torch {m['torch']}, raykfe {m['raykfe_commit']}; "
-        f"wall time {m.get('wall_seconds', 0) / 60:.1f} min with {o.get('jobs', 1)} process(es) x {o['threads']} "
-        f"thread(s), CPU time {m.get('cpu_seconds', 0) / 60:.1f} min, load average of the machine "
-        f"{m.get('load_average_start', ['?'])[0]:.1f} at the start, {m.get('load_average_end', ['?'])[0]:.1f} at the end.",
+        f"wall time {m.get('wall_seconds', 0) / 60:.1f} min, CPU time "
+        f"{'unknown' if m.get('cpu_seconds') is None else format(m['cpu_seconds'] / 60, '.1f') + ' min'} ({timing(m)}).",
         "### Test accuracy / loss", *accuracy_tables(res),
     ]
     summary = summary_table(res)
@@ -549,6 +548,17 @@ def render(res: dict) -> str:
     if notes:
         parts += ["### Refused or failed cells", "\n".join(f"- {n}" for n in notes)]
     return "\n\n".join(parts) + "\n"
+
+
+def timing(meta: dict) -> str:
+    segs = meta.get("segments", [])
+    def load(v) -> str:
+        return "?" if not v else f"{v[0]:.1f}"
+
+    text = "; ".join(f"{s['jobs']} process(es) x {s['threads']} thread(s), {s['wall_seconds'] / 60:.1f} min"
+                     f"{' (interrupted)' if s.get('open') else ''}, machine load average {load(s['load_average_start'])}"
+                     f" -> {load(s['load_average_end'])}" for s in segs)
+    return (f"{len(segs)} segments: " if len(segs) > 1 else "") + text
 
 
 def group_bases(res: dict) -> dict[str, list[dict]]:
@@ -600,6 +610,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=1, help="torch threads per process (1: fastest on the shared 2 cores)")
     ap.add_argument("--cache", type=Path, default=Path("results/bench-cache"))
     ap.add_argument("--out", type=Path, default=Path("results/bench-quality"))
+    ap.add_argument("--resume", type=Path, default=None,
+                    help="a results JSON to continue: its finished (arch, seed, target) units are kept, the rest run")
     ap.add_argument("--render", type=Path, default=None, help="print the tables of a results JSON, run nothing")
     args = ap.parse_args(argv)
     if args.quick:
@@ -643,7 +655,7 @@ def new_results(args) -> dict:
     opts = {k: getattr(args, k) for k in ("archs", "seeds", "targets", "budgets", "image_size", "base_epochs",
                                           "prune_examples", "recal_batches", "jobs", "threads")}
     meta = {"command": " ".join(sys.argv), "options": {**opts, "arms": args.arm_names},
-            "started": time.strftime("%Y-%m-%d %H:%M:%S"), "load_average_start": os.getloadavg(), "raykfe_file": raykfe.__file__,
+            "started": time.strftime("%Y-%m-%d %H:%M:%S"), "raykfe_file": raykfe.__file__,
             "raykfe_commit": code_version(), "torch": torch.__version__, "torch_pruning": tp.__version__,
             "base_recipe": BASE_RECIPE.__dict__, "finetune_recipe": FINETUNE_RECIPE.__dict__, "tolerance": TOLERANCE}
     return {"meta": meta, "arms": {n: {"kind": ARMS[n].kind, "kwargs": ARMS[n].kwargs} for n in args.arm_names},
@@ -687,35 +699,83 @@ def mapper(args):
     return pool.imap_unordered, pool
 
 
+#: options a resumed run must share with the results it continues
+SAME_SETTINGS = ("budgets", "image_size", "base_epochs", "prune_examples", "recal_batches")
+
+
+def resumed(args, res: dict) -> set[tuple]:
+    """Copy into ``res`` the finished units of ``args.resume`` (every selected arm done, with the same
+    kwargs and settings); returns their ``(arch, seed, target)``."""
+    old = json.loads(args.resume.read_text())
+    differ = [k for k in SAME_SETTINGS if old["meta"]["options"].get(k) != getattr(args, k)]
+    if differ:
+        raise SystemExit(f"quality.py: error: {args.resume} was run with other {', '.join(differ)}: run without --resume")
+    units: dict[tuple, list[dict]] = {}
+    for c in old["cells"]:
+        if (c["arch"] in args.archs and c["seed"] in args.seeds and c["target"] in args.targets
+                and c["arm"] in res["arms"] and old["arms"].get(c["arm"]) == res["arms"][c["arm"]]):
+            units.setdefault((c["arch"], c["seed"], c["target"]), []).append(c)
+    done = {u: cells for u, cells in units.items() if len(cells) == len(args.arm_names)}
+    res["cells"] = sorted((c for cells in done.values() for c in cells), key=cell_order(args))
+    segs = old["meta"].get("segments") or ([{
+        "wall_seconds": old["meta"]["wall_seconds"], "cpu_seconds": old["meta"].get("cpu_seconds"),
+        "open": "finished" not in old["meta"],
+        "load_average_start": old["meta"].get("load_average_start"), "load_average_end": None,
+        "jobs": old["meta"]["options"].get("jobs", 1), "threads": old["meta"]["options"]["threads"],
+    }] if "wall_seconds" in old["meta"] else [])
+    res["meta"]["segments"] = [{k: v for k, v in s.items() if k != "current"} for s in segs]
+    log(f"resuming {args.resume}: {len(done)} (arch, seed, target) unit(s) done, {len(res['cells'])} cells kept")
+    return set(done)
+
+
+def finish_segment(res: dict, t0: float, load_start, final: bool) -> None:
+    """Record this run's wall time and (``final``: once the workers have exited) CPU time in
+    ``segments`` (one per run or resumption; an interrupted one counts up to its last finished unit
+    and its CPU time is unknown), and the totals."""
+    usage = [resource.getrusage(w) for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
+    cpu = sum(u.ru_utime + u.ru_stime for u in usage) if final else None
+    seg = {"wall_seconds": time.perf_counter() - t0, "cpu_seconds": cpu, "open": not final,
+           "load_average_start": load_start, "load_average_end": os.getloadavg(),
+           "jobs": res["meta"]["options"]["jobs"], "threads": res["meta"]["options"]["threads"]}
+    segs = res["meta"].setdefault("segments", [])
+    if segs and segs[-1].get("open") and segs[-1].get("current"):
+        segs.pop()
+    segs.append({**seg, "current": True})
+    cpus = [s["cpu_seconds"] for s in segs]
+    res["meta"].update(wall_seconds=sum(s["wall_seconds"] for s in segs),
+                       cpu_seconds=None if None in cpus else sum(cpus))
+
+
 def run(args) -> dict:
     res = new_results(args)
-    path = args.out / f"{time.strftime('%Y%m%d-%H%M%S')}.json"
+    done = resumed(args, res) if args.resume else set()
+    path = args.resume or args.out / f"{time.strftime('%Y%m%d-%H%M%S')}.json"
     tp_path = args.cache / "tp-ratios.json"
     tp_cache = json.loads(tp_path.read_text()) if tp_path.is_file() else {}
     log(f"raykfe from {raykfe.__file__} ({res['meta']['raykfe_commit']}); {args.jobs} process(es) x "
         f"{args.threads} thread(s); results -> {path}")
-    t0 = time.perf_counter()
+    t0, load_start = time.perf_counter(), os.getloadavg()
     imap, pool = mapper(args)
     try:
         res["bases"] = dict(imap(base_task, [(a, s, args) for a in args.archs for s in args.seeds]))
         res["meta"]["test_size"] = next(iter(res["bases"].values()))["sizes"]["test"]
         arms = {n: ARMS[n] for n in args.arm_names}
-        costly = sorted(args.archs, key=lambda a: -res["bases"][f"{a}|{args.seeds[0]}"]["macs"])
-        tasks = [(i, a, s, t, arms, args, tp_cache) for i, (a, t, s) in enumerate(
-            (a, t, s) for a in costly for t in args.targets for s in args.seeds)]
-        for _, cells, new in imap(unit_task, tasks):
+        cheap = sorted(args.archs, key=lambda a: res["bases"][f"{a}|{args.seeds[0]}"]["macs"])
+        todo = [(a, s, t) for a in cheap for t in args.targets for s in args.seeds if (a, s, t) not in done]
+        for _, cells, new in imap(unit_task, [(i, a, s, t, arms, args, tp_cache) for i, (a, s, t) in enumerate(todo)]):
             res["cells"] = sorted(res["cells"] + cells, key=cell_order(args))
             tp_cache.update(new)
-            res["meta"]["wall_seconds"] = time.perf_counter() - t0
+            finish_segment(res, t0, load_start, final=False)
             write_json(path, res)
             write_json(tp_path, tp_cache)
     finally:
         if pool is not None:
             pool.close()
             pool.join()
-    usage = [resource.getrusage(w) for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
-    res["meta"].update(finished=time.strftime("%Y-%m-%d %H:%M:%S"), load_average_end=os.getloadavg(),
-                       cpu_seconds=sum(u.ru_utime + u.ru_stime for u in usage))
+    finish_segment(res, t0, load_start, final=True)
+    for seg in res["meta"]["segments"]:
+        seg.pop("current", None)
+    res["meta"]["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
     write_json(path, res)
     log(f"done in {(time.perf_counter() - t0) / 60:.1f} min; raw results: {path}")
     res["meta"]["json"] = str(path)
