@@ -23,7 +23,6 @@ to stderr; it asserts nothing.
 from __future__ import annotations
 
 import argparse
-import copy
 import dataclasses
 import hashlib
 import json
@@ -33,7 +32,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 import torch_pruning as tp
 from safetensors.torch import load as st_load
 from safetensors.torch import load_file, save_file
@@ -50,15 +48,10 @@ from raykfe.data import job_splits
 from raykfe.finetune import seed_everything
 from raykfe.pipeline import run_job
 from raykfe.report import format_table, human
+from tp_peers import CRITERIA, MAGNITUDE_P, TOLERANCE, criterion_grads, reach_target  # bench/tp_peers.py
 
 JOB = "jobs/digits.yaml"
-PEERS = {
-    "magnitude": "tp Magnitude (group L2)",
-    "taylor": "tp Taylor",
-    "hessian": "tp GroupHessian",
-}
-MAGNITUDE_P = 2  # GroupMagnitudeImportance's norm: tp's default, the "group L2" of its benchmarks
-TOLERANCE = 0.01  # bisection: accept an achieved MACs reduction in [target, target + TOLERANCE]
+PEERS = CRITERIA
 
 
 def log(msg: str) -> None:
@@ -151,96 +144,21 @@ def run_method(overrides: list[str], shared: list[str] = ()) -> dict:
 # torch-pruning peers
 
 
-def importance(peer: str):
-    if peer == "magnitude":
-        return tp.importance.GroupMagnitudeImportance(p=MAGNITUDE_P)
-    if peer == "taylor":
-        return tp.importance.GroupTaylorImportance()
-    if peer == "hessian":
-        return tp.importance.GroupHessianImportance()
-    raise ValueError(peer)
-
-
 def peer_gradients(base, peer: str, splits, cfg, hessian_examples: int) -> dict[str, torch.Tensor] | None:
-    """What the importance reads from ``param.grad``, computed once on the base (eval mode, so the
-    BatchNorm statistics are left alone, like raykfe's statistics pass), keyed by parameter name.
-
-    * taylor: the mean cross-entropy gradient over the whole train split (the statistics batches);
-    * hessian: the mean of SQUARED per-example gradients over the first ``hessian_examples`` train
-      examples - the diagonal (empirical Fisher) that ``GroupHessianImportance.accumulate_grad``
-      collects one example at a time. Accumulated here by parameter name rather than with
-      ``accumulate_grad``: in torch-pruning 1.6 it tests ``name not in self._accu_grad`` on a dict
-      keyed by parameter, so every call overwrites the sum and only the LAST example counts.
-      ``GroupHessianImportance.__call__`` with an empty accumulator reads ``param.grad`` as that
-      diagonal, which is exactly what it does after a (working) accumulation.
-    """
-    if peer == "magnitude":
-        return None
-    model = copy.deepcopy(base).eval()
-    params = dict(model.named_parameters())
-    sums = {n: torch.zeros_like(p) for n, p in params.items()}
-    seen = 0
-    if peer == "taylor":
-        for x, y in make_loader(splits.train, cfg.stats.batch_size, shuffle=False):
-            model.zero_grad(set_to_none=True)
-            F.cross_entropy(model(x), y, reduction="sum").backward()
-            for n, p in params.items():
-                sums[n] += p.grad
-            seen += len(y)
-    elif peer == "hessian":
-        # one thread: on this shared 2-core machine, 2 threads on batch-of-one passes ran ~20x slower
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            for x, y in make_loader(splits.train, cfg.stats.batch_size, shuffle=False):
-                for i in range(len(y)):
-                    if seen >= hessian_examples:
-                        break
-                    model.zero_grad(set_to_none=True)
-                    F.cross_entropy(model(x[i : i + 1]), y[i : i + 1]).backward()
-                    for n, p in params.items():
-                        sums[n] += p.grad.pow(2)
-                    seen += 1
-                if seen >= hessian_examples:
-                    break
-        finally:
-            torch.set_num_threads(threads)
-    else:
-        raise ValueError(peer)
-    return {n: s / seen for n, s in sums.items()}
-
-
-def tp_prune(base, peer: str, grads, ratio: float, example: torch.Tensor):
-    model = copy.deepcopy(base).eval()
-    if grads is not None:
-        for n, p in model.named_parameters():
-            p.grad = grads[n].clone()
-    pruner = tp.pruner.BasePruner(
-        model, example, importance=importance(peer), global_pruning=True, pruning_ratio=ratio,
-        ignored_layers=[model.fc],
-    )
-    pruner.step()
-    model.zero_grad(set_to_none=True)
-    return model
-
-
-def reach_target(base, peer: str, grads, frac: float, example: torch.Tensor, max_trials: int = 30):
-    """Bisection on the global channel ratio until the MACs reduction is in [frac, frac + TOLERANCE];
-    else the trial closest above the target. -> (model, ratio, achieved, trials)."""
-    base_macs = count(base, example).macs
-    lo, hi, best, trials = 0.0, 1.0, None, 0
-    for trials in range(1, max_trials + 1):
-        ratio = (lo + hi) / 2
-        model = tp_prune(base, peer, grads, ratio, example)
-        achieved = 1 - count(model, example).macs / base_macs
-        if achieved >= frac and (best is None or achieved < best[2]):
-            best = (model, ratio, achieved)
-        if frac <= achieved <= frac + TOLERANCE:
-            break
-        lo, hi = (ratio, hi) if achieved < frac else (lo, ratio)
-    if best is None:
-        raise RuntimeError(f"no channel ratio reached {100 * frac:g}% fewer MACs")
-    return (*best, trials)
+    """What the importance reads from ``param.grad``, computed once on the base (eval mode), keyed by
+    parameter name (:mod:`tp_peers`): taylor, the mean cross-entropy gradient over the whole train
+    split (the statistics batches); hessian, the mean of squared per-example gradients over the first
+    ``hessian_examples`` train examples, on one torch thread (on this shared 2-core machine, 2 threads
+    on batch-of-one passes ran ~20x slower)."""
+    batches = make_loader(splits.train, cfg.stats.batch_size, shuffle=False)
+    if peer != "hessian":
+        return criterion_grads(base, peer, batches)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return criterion_grads(base, peer, batches, hessian_examples)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def run_peer(peer: str, frac: float, args, base, base_sha: str, splits, cfg, example, grad_cache: dict) -> dict:

@@ -3,7 +3,8 @@
 Tensor layouts
 --------------
 * Input images: float32 ``[N, 3, H, W]`` (NCHW). The raykfe models are built for CIFAR-sized
-  inputs, ``H = W = 32``; ``vgg_tiny`` and the ResNets pool adaptively and accept other sizes,
+  inputs, ``H = W = 32``; ``vgg_tiny``, ``vgg_small``, ``mobilenet_small`` and the ResNets pool
+  adaptively and accept other sizes,
   ``vgg19_bn`` needs exactly 32x32 (its 2x2 average pool expects a 2x2 map after 4 max pools).
 * Output: logits float32 ``[N, num_classes]``.
 * Conv weights ``[C_out, C_in, kH, kW]``, Linear weights ``[out_features, in_features]`` (the
@@ -16,10 +17,18 @@ Module names follow torchvision so that code walking the graph can treat both al
 * ResNet: ``conv1``, ``bn1``, ``relu``, ``layer1`` .. ``layer3`` (``nn.Sequential`` of
   :class:`BasicBlock` with ``conv1``, ``bn1``, ``relu``, ``conv2``, ``bn2``, ``downsample``),
   ``avgpool``, ``fc``.
+* MobileNet-style (:class:`CifarMobileNet`): ``features`` (``nn.Sequential``: the stem
+  Conv2d/BatchNorm2d/ReLU, then :class:`DepthwiseSeparable` blocks with ``conv_dw``, ``bn_dw``,
+  ``conv_pw``, ``bn_pw``, ``relu``), ``avgpool``, ``classifier`` (one ``nn.Linear``), like
+  torchvision's MobileNets.
 
 Names
 -----
-``vgg19_bn``, ``vgg_tiny``, ``resnet32``, ``resnet8``, ``wide_resnet32`` are ours. Any torchvision
+``vgg19_bn``, ``vgg_tiny``, ``vgg_small``, ``resnet32``, ``resnet8``, ``wide_resnet32``,
+``mobilenet_small`` are ours. ``vgg_small`` is a plain conv-BN-ReLU net (4 convs, 2 max pools, last
+conv 96 channels) and ``mobilenet_small`` a depthwise-separable one; both pool adaptively, so they
+run at any input size from 8x8 up (the pruned-model quality benchmark, ``bench/quality.py``, uses
+them at 16x16). Any torchvision
 classification model is available as ``torchvision:<name>``, or by its bare name when that name
 is not one of ours (so bare ``vgg19_bn`` is the CIFAR network; ``torchvision:vgg19_bn`` is the
 ImageNet-style one). Torchvision models are built with ``weights=None`` (random init; nothing is
@@ -39,7 +48,9 @@ from torch import nn
 
 from raykfe.errors import ConfigError
 
-__all__ = ["build_model", "list_models", "BasicBlock", "CifarResNet", "CifarVGG"]
+__all__ = [
+    "build_model", "list_models", "BasicBlock", "CifarResNet", "CifarVGG", "DepthwiseSeparable", "CifarMobileNet",
+]
 
 TORCHVISION_PREFIX = "torchvision:"
 
@@ -48,6 +59,10 @@ VGG19_CFG: tuple[int | str, ...] = (
     512, 512, 512, 512, "M", 512, 512, 512, 512,
 )  # fmt: skip
 VGG_TINY_CFG: tuple[int | str, ...] = (8, "M", 16, "M", 32, "M", 32)
+VGG_SMALL_CFG: tuple[int | str, ...] = (32, 32, "M", 64, "M", 96)
+#: mobilenet_small: stem width, then (output channels, stride) of each depthwise-separable block
+MOBILENET_SMALL_STEM = 16
+MOBILENET_SMALL_BLOCKS: tuple[tuple[int, int], ...] = ((32, 1), (64, 2), (64, 1), (96, 2), (96, 1))
 
 
 def _scale(channels: int, width: float) -> int:
@@ -169,9 +184,59 @@ class CifarResNet(nn.Module):
         return self.fc(x)  # [N, num_classes]
 
 
+class DepthwiseSeparable(nn.Module):
+    """A depthwise 3x3 conv (``groups = in_ch``, ``stride``) + BN + ReLU, then a pointwise 1x1
+    conv (``in_ch -> out_ch``) + BN + ReLU (Howard et al. 2017, MobileNet v1). No conv biases."""
+
+    def __init__(self, in_ch: int, out_ch: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv_dw = nn.Conv2d(in_ch, in_ch, 3, stride=stride, padding=1, groups=in_ch, bias=False)
+        self.bn_dw = nn.BatchNorm2d(in_ch)
+        self.conv_pw = nn.Conv2d(in_ch, out_ch, 1, bias=False)
+        self.bn_pw = nn.BatchNorm2d(out_ch)
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.relu(self.bn_dw(self.conv_dw(x)))  # [N, in_ch, H/stride, W/stride]
+        return self.relu(self.bn_pw(self.conv_pw(x)))  # [N, out_ch, H/stride, W/stride]
+
+
+class CifarMobileNet(nn.Module):
+    """A small MobileNet-style network: a 3x3 stem conv + BN + ReLU (stride 1), then
+    :class:`DepthwiseSeparable` blocks ``(out_channels, stride)``, global average pool, one Linear.
+
+    Channel counts are scaled by ``width``. Only the stem and the pointwise convs have
+    ``groups=1``; the depthwise convs follow their input's channels (channel pruning removes them
+    with it, KFE pruning leaves them as they are).
+    """
+
+    def __init__(
+        self, stem: int, blocks: Sequence[tuple[int, int]], num_classes: int, *, width: float
+    ) -> None:
+        super().__init__()
+        in_ch = _scale(stem, width)
+        layers: list[nn.Module] = [
+            nn.Conv2d(3, in_ch, 3, padding=1, bias=False), nn.BatchNorm2d(in_ch), nn.ReLU(inplace=True),
+        ]
+        for out, stride in blocks:
+            layers.append(DepthwiseSeparable(in_ch, _scale(out, width), stride))
+            in_ch = _scale(out, width)
+        self.features = nn.Sequential(*layers)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Linear(in_ch, num_classes)
+        _init_weights(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.features(x)  # [N, C, H / prod(strides), W / prod(strides)]
+        x = torch.flatten(self.avgpool(x), 1)  # [N, C]
+        return self.classifier(x)  # [N, num_classes]
+
+
 _RAYKFE_MODELS: dict[str, Callable[[int, float], nn.Module]] = {
     "vgg19_bn": lambda nc, w: CifarVGG(VGG19_CFG, nc, width=w, pool=nn.AvgPool2d(2)),
     "vgg_tiny": lambda nc, w: CifarVGG(VGG_TINY_CFG, nc, width=w, pool=nn.AdaptiveAvgPool2d(1)),
+    "vgg_small": lambda nc, w: CifarVGG(VGG_SMALL_CFG, nc, width=w, pool=nn.AdaptiveAvgPool2d(1)),
+    "mobilenet_small": lambda nc, w: CifarMobileNet(MOBILENET_SMALL_STEM, MOBILENET_SMALL_BLOCKS, nc, width=w),
     "resnet32": lambda nc, w: CifarResNet(5, nc, width=w),
     "resnet8": lambda nc, w: CifarResNet(1, nc, width=w),
     "wide_resnet32": lambda nc, w: CifarResNet(5, nc, width=4.0 * w),

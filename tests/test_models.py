@@ -27,7 +27,7 @@ def _shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
 def test_list_models_names() -> None:
     names = list_models()
     assert names == sorted(names)
-    assert {"vgg19_bn", "vgg_tiny", "resnet32", "resnet8", "wide_resnet32"} <= set(names)
+    assert {"vgg19_bn", "vgg_tiny", "vgg_small", "resnet32", "resnet8", "wide_resnet32", "mobilenet_small"} <= set(names)
 
 
 @pytest.mark.parametrize("name", list_models())
@@ -41,6 +41,45 @@ def test_every_model_gives_logits(name: str) -> None:
     model.eval()
     with torch.no_grad():
         assert model(x).shape == (2, 7)
+
+
+@pytest.mark.parametrize("name", ["vgg_tiny", "vgg_small", "resnet8", "resnet32", "mobilenet_small"])
+@pytest.mark.parametrize("size", [8, 16])
+def test_adaptive_models_take_small_images(name: str, size: int) -> None:
+    torch.manual_seed(0)
+    model = build_model(name, 10).eval()
+    with torch.no_grad():
+        out = model(torch.randn(2, 3, size, size))
+    assert out.shape == (2, 10) and torch.isfinite(out).all()
+
+
+def test_vgg_small_structure() -> None:
+    model = build_model("vgg_small", 10)
+    convs = _convs(model)
+    assert [c.out_channels for c in convs] == [32, 32, 64, 96]
+    assert all(c.kernel_size == (3, 3) and c.padding == (1, 1) and c.bias is None for c in convs)
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in model.modules()) == 4
+    assert sum(isinstance(m, nn.MaxPool2d) for m in model.modules()) == 2
+    assert isinstance(model.avgpool, nn.AdaptiveAvgPool2d)
+    (fc,) = _linears(model)
+    assert (fc.in_features, fc.out_features) == (96, 10)
+
+
+def test_mobilenet_small_structure() -> None:
+    model = build_model("mobilenet_small", 10)
+    convs = _convs(model)
+    depthwise = [c for c in convs if c.groups > 1]
+    pointwise = [c for c in convs if c.kernel_size == (1, 1)]
+    assert len(convs) == 1 + 2 * 5  # stem + 5 blocks of (depthwise, pointwise)
+    assert all(c.groups == c.in_channels == c.out_channels and c.kernel_size == (3, 3) for c in depthwise)
+    assert len(depthwise) == len(pointwise) == 5
+    assert [c.out_channels for c in pointwise] == [32, 64, 64, 96, 96]
+    assert [c.stride for c in depthwise] == [(1, 1), (2, 2), (1, 1), (2, 2), (1, 1)]
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in model.modules()) == 11
+    (fc,) = _linears(model)
+    assert (fc.in_features, fc.out_features) == (96, 10)
+    half = build_model("mobilenet_small", 10, width=0.5)
+    assert [c.out_channels for c in _convs(half) if c.kernel_size == (1, 1)] == [16, 32, 32, 48, 48]
 
 
 def test_resnet32_structure() -> None:
@@ -157,7 +196,9 @@ def test_bad_arguments(kwargs: dict) -> None:
 
 
 @pytest.mark.parametrize(
-    "name, width", [("resnet8", 1.0), ("vgg_tiny", 0.5), ("wide_resnet32", 0.25), ("resnet18", 1)]
+    "name, width",
+    [("resnet8", 1.0), ("vgg_tiny", 0.5), ("wide_resnet32", 0.25), ("resnet18", 1), ("vgg_small", 1.0),
+     ("mobilenet_small", 0.5)],
 )
 def test_spec_round_trip(name: str, width: float) -> None:
     model = build_model(name, 4, width=width)
