@@ -260,16 +260,16 @@ class Pruned:
 
 
 def prune_raykfe(setup: Setup, arm: Arm, frac: float, tp_cache: dict) -> Pruned:
-    """``raykfe.prune`` end to end; the predicted loss increase of a KFE plan is the sum of its rows'."""
+    """``raykfe.prune`` end to end; the predicted loss increase is the sum of its steps' (the plan's
+    record; None for methods whose scores are not in loss units)."""
     t0 = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         res = raykfe.prune(setup.base, setup.prune_batches, target=f"flops:{frac:g}", **arm.kwargs)
     secs = time.perf_counter() - t0
-    predicted = None
-    if getattr(res.plan, "kind", "kfe") != "channels":  # channel plans report 0.0 for every layer
-        predicted = float(sum(r.get("predicted_dloss") or 0.0 for r in res.report))
-    achieved = res.plan.options.get("summary", {}).get("achieved")
+    steps = [s.get("predicted_dloss") for s in res.plan.steps]  # None: the method's scores are not in loss units
+    predicted = float(sum(steps)) if steps and None not in steps else None
+    achieved = res.plan.summary.achieved
     return Pruned(res.model, secs, predicted, {"timings": res.timings, "plan_achieved": achieved})
 
 
