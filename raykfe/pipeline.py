@@ -37,7 +37,7 @@ from .methods import get_method
 from .methods.eigendamage import LayerScores, score_in_basis
 from .models import build_model
 from .plan import Plan
-from .recalibrate import bn_sums
+from .recalibrate import apply_bn_sums, bn_sums
 from .report import job_table, plot_layers
 from .settings import PruneSettings
 from .stages import existing_result, open_stages
@@ -242,6 +242,8 @@ def run_job(
     job.timings.update(result.timings)
     before = job.evaluate(result.model, job.test_loader)
     history = _finetune(job, result)
+    if job.settings.recalibrate_batches and cfg.finetune.epochs:  # the running statistics lag the last epochs' weights
+        apply_bn_sums(result.model, source.bn_sums(result.model, result.plan, job.settings.recalibrate_batches))
     return _finish(job, result, base_test, base_val, before, {"base": base_history, "finetune": history})
 
 
