@@ -1,10 +1,22 @@
 """Pruned-model QUALITY benchmark: raykfe's methods next to torch-pruning's criteria on digits,
 test accuracy and loss after 0, 1 and 5 epochs of the SAME fine-tuning.
 
-    PYTHONPATH=. .venv/bin/python bench/quality.py            # full: ~40 min on 2 cores
+    PYTHONPATH=. .venv/bin/python bench/quality.py            # full (BENCHMARKS.md has its time)
     PYTHONPATH=. .venv/bin/python bench/quality.py --quick    # vgg_small, seed 0, flops 0.5 / 0.9, budgets 0 / 1
     .venv/bin/python bench/quality.py --render results/bench-quality/<stamp>.json   # tables again, no run
-    options: --archs --seeds --targets --budgets --arms --all-methods --add-arm NAME:METHOD[:k=v,...] --threads
+    .venv/bin/python bench/quality.py --resume results/bench-quality/<stamp>.json   # finish an interrupted run
+    options: --archs --seeds --targets --budgets --arms --all-methods --add-arm NAME:METHOD[:k=v,...]
+             --jobs (processes, default 2) --threads (per process, default 1) --image-size --prune-examples ...
+
+(``PYTHONPATH=.`` makes a git worktree's own ``raykfe`` win over the editable install; the run prints
+which ``raykfe`` it imported and records it, with its commit, in the JSON.)
+
+A tuned arm is one entry of :data:`ARMS` (``ARMS["ed-cap0.8"] = Arm("raykfe", {"method":
+"eigendamage", "max_layer_ratio": 0.8})``) or, without editing, ``--add-arm
+ed-cap0.8:eigendamage:max_layer_ratio=0.8``. The work is split into (arch, seed, target) units, each
+running every selected arm, on ``--jobs`` spawned processes of ``--threads`` torch threads (on the
+shared 2-core machine one thread per process is several times faster than two); cells are sorted
+before writing, so the JSON and the tables do not depend on the number of processes.
 
 What is measured, per cell (architecture, seed, target F, arm, fine-tuning budget):
 
@@ -22,8 +34,11 @@ What is measured, per cell (architecture, seed, target F, arm, fine-tuning budge
   An arm that raises while pruning (e.g. an unreachable target) is recorded as "refused" with the
   one-line reason.
 * BatchNorm recalibration of every model before every evaluation and before fine-tuning: running
-  statistics reset, ``momentum=None`` (exact average), ``--recal-batches`` (10) batches of 64
-  training examples in train mode under ``no_grad``, momentum restored, eval mode. No weight changes.
+  statistics reset, ``momentum=None`` (PyTorch's cumulative average: the mean of the batch means and
+  of the batches' unbiased variances; it differs from the pooled variance by the spread of the batch
+  means, 1e-4 relative on vgg_small), ``--recal-batches`` (10) batches of 64 training examples (a
+  seeded draw, not the pruning examples) in train mode under ``no_grad``, momentum restored, eval
+  mode. No weight changes. The base is recalibrated the same way for the loss-increase reference.
 * budget 0: the pruned model after recalibration; budget E > 0: a copy of it fine-tuned E epochs
   with SGD lr 0.01, momentum 0.9, wd 5e-4, batch 64, cosine from 0.01 to 0 over the E epochs
   (stepped per batch), data order seeded by the seed alone (the same for every arm), then
