@@ -1,10 +1,22 @@
 """Pruned-model QUALITY benchmark: raykfe's methods next to torch-pruning's criteria on digits,
 test accuracy and loss after 0, 1 and 5 epochs of the SAME fine-tuning.
 
-    PYTHONPATH=. .venv/bin/python bench/quality.py            # full: ~40 min on 2 cores
+    PYTHONPATH=. .venv/bin/python bench/quality.py            # full (BENCHMARKS.md has its time)
     PYTHONPATH=. .venv/bin/python bench/quality.py --quick    # vgg_small, seed 0, flops 0.5 / 0.9, budgets 0 / 1
     .venv/bin/python bench/quality.py --render results/bench-quality/<stamp>.json   # tables again, no run
-    options: --archs --seeds --targets --budgets --arms --all-methods --add-arm NAME:METHOD[:k=v,...] --threads
+    .venv/bin/python bench/quality.py --resume results/bench-quality/<stamp>.json   # finish an interrupted run
+    options: --archs --seeds --targets --budgets --arms --all-methods --add-arm NAME:METHOD[:k=v,...]
+             --jobs (processes, default 2) --threads (per process, default 1) --image-size --prune-examples ...
+
+(``PYTHONPATH=.`` makes a git worktree's own ``raykfe`` win over the editable install; the run prints
+which ``raykfe`` it imported and records it, with its commit, in the JSON.)
+
+A tuned arm is one entry of :data:`ARMS` (``ARMS["ed-cap0.8"] = Arm("raykfe", {"method":
+"eigendamage", "max_layer_ratio": 0.8})``) or, without editing, ``--add-arm
+ed-cap0.8:eigendamage:max_layer_ratio=0.8``. The work is split into (arch, seed, target) units, each
+running every selected arm, on ``--jobs`` spawned processes of ``--threads`` torch threads (on the
+shared 2-core machine one thread per process is several times faster than two); cells are sorted
+before writing, so the JSON and the tables do not depend on the number of processes.
 
 What is measured, per cell (architecture, seed, target F, arm, fine-tuning budget):
 
@@ -22,8 +34,11 @@ What is measured, per cell (architecture, seed, target F, arm, fine-tuning budge
   An arm that raises while pruning (e.g. an unreachable target) is recorded as "refused" with the
   one-line reason.
 * BatchNorm recalibration of every model before every evaluation and before fine-tuning: running
-  statistics reset, ``momentum=None`` (exact average), ``--recal-batches`` (10) batches of 64
-  training examples in train mode under ``no_grad``, momentum restored, eval mode. No weight changes.
+  statistics reset, ``momentum=None`` (PyTorch's cumulative average: the mean of the batch means and
+  of the batches' unbiased variances; it differs from the pooled variance by the spread of the batch
+  means, 1e-4 relative in a check on vgg_small with random inputs), ``--recal-batches`` (10)
+  batches of 64 training examples (a seeded draw, not the pruning examples) in train mode under
+  ``no_grad``, momentum restored, eval mode. No weight changes. The base is recalibrated the same way for the loss-increase reference.
 * budget 0: the pruned model after recalibration; budget E > 0: a copy of it fine-tuned E epochs
   with SGD lr 0.01, momentum 0.9, wd 5e-4, batch 64, cosine from 0.01 to 0 over the E epochs
   (stepped per batch), data order seeded by the seed alone (the same for every arm), then
@@ -533,7 +548,7 @@ def render(res: dict) -> str:
         f"fine-tuning SGD lr {FINETUNE_RECIPE.lr:g}, momentum {FINETUNE_RECIPE.momentum:g}, wd "
         f"{FINETUNE_RECIPE.weight_decay:g}, batch {BATCH}, cosine. Base test accuracy (mean of seeds): {bases}. "
         f"Test split: {m.get('test_size', '?')} images (one image = {100 / max(1, m.get('test_size', 1)):.2f} points). "
-        f"torch-pruning {m['torch_pruning']}, torch {m['torch']}, raykfe {m['raykfe_commit']}; "
+        f"torch-pruning {m['torch_pruning']}, torch {m['torch']}, raykfe {commits(m)}; "
         f"wall time {m.get('wall_seconds', 0) / 60:.1f} min, CPU time "
         f"{'unknown' if m.get('cpu_seconds') is None else format(m['cpu_seconds'] / 60, '.1f') + ' min'} ({timing(m)}).",
         "### Test accuracy / loss", *accuracy_tables(res),
@@ -548,6 +563,12 @@ def render(res: dict) -> str:
     if notes:
         parts += ["### Refused or failed cells", "\n".join(f"- {n}" for n in notes)]
     return "\n\n".join(parts) + "\n"
+
+
+def commits(meta: dict) -> str:
+    """The raykfe commit(s) the results were measured with (one per run segment, repeats dropped)."""
+    seen = [s.get("raykfe_commit") for s in meta.get("segments", [])] + [meta["raykfe_commit"]]
+    return " + ".join(dict.fromkeys(c for c in seen if c))
 
 
 def timing(meta: dict) -> str:
@@ -575,8 +596,9 @@ def group_bases(res: dict) -> dict[str, list[dict]]:
 def parse_arm(spec: str) -> tuple[str, Arm]:
     """``NAME:METHOD[:key=value,...]`` -> a raykfe arm (values read as JSON, else kept as strings)."""
     parts = spec.split(":", 2)
-    if len(parts) < 2 or not parts[0] or parts[1] not in METHODS:
-        raise ValueError(f"--add-arm {spec!r}: use NAME:METHOD[:key=value,...] with METHOD one of {', '.join(METHODS)}")
+    single = [m for m, info in METHODS.items() if info.rounds == 1]  # raykfe.prune refuses the others
+    if len(parts) < 2 or not parts[0] or parts[1] not in single:
+        raise ValueError(f"--add-arm {spec!r}: use NAME:METHOD[:key=value,...] with METHOD one of {', '.join(single)}")
     kwargs: dict[str, Any] = {"method": parts[1]}
     for item in filter(None, (parts[2] if len(parts) == 3 else "").split(",")):
         key, _, value = item.partition("=")
@@ -720,8 +742,9 @@ def resumed(args, res: dict) -> set[tuple]:
     segs = old["meta"].get("segments") or ([{
         "wall_seconds": old["meta"]["wall_seconds"], "cpu_seconds": old["meta"].get("cpu_seconds"),
         "open": "finished" not in old["meta"],
-        "load_average_start": old["meta"].get("load_average_start"), "load_average_end": None,
+        "load_average_start": old["meta"].get("load_average_start"), "load_average_end": old["meta"].get("load_average_end"),
         "jobs": old["meta"]["options"].get("jobs", 1), "threads": old["meta"]["options"]["threads"],
+        "raykfe_commit": old["meta"].get("raykfe_commit"),
     }] if "wall_seconds" in old["meta"] else [])
     res["meta"]["segments"] = [{k: v for k, v in s.items() if k != "current"} for s in segs]
     log(f"resuming {args.resume}: {len(done)} (arch, seed, target) unit(s) done, {len(res['cells'])} cells kept")
@@ -736,7 +759,8 @@ def finish_segment(res: dict, t0: float, load_start, final: bool) -> None:
     cpu = sum(u.ru_utime + u.ru_stime for u in usage) if final else None
     seg = {"wall_seconds": time.perf_counter() - t0, "cpu_seconds": cpu, "open": not final,
            "load_average_start": load_start, "load_average_end": os.getloadavg(),
-           "jobs": res["meta"]["options"]["jobs"], "threads": res["meta"]["options"]["threads"]}
+           "jobs": res["meta"]["options"]["jobs"], "threads": res["meta"]["options"]["threads"],
+           "raykfe_commit": res["meta"]["raykfe_commit"]}
     segs = res["meta"].setdefault("segments", [])
     if segs and segs[-1].get("open") and segs[-1].get("current"):
         segs.pop()

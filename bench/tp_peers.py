@@ -11,7 +11,8 @@ What is here:
 * :func:`tp_prune`: one ``tp.pruner.BasePruner`` step with GLOBAL ranking on a copy of the base,
   the classifier ignored;
 * :func:`reach_target`: bisection on the global channel ratio until the MACs removed (counted by
-  :func:`raykfe.count` on the example input) lie in ``[frac, frac + tolerance]``.
+  :func:`raykfe.count` on the example input) lie in ``[frac, frac + tolerance]``, with a scan of
+  ratios when the bisection finds none (the reduction is not monotonic in the ratio).
 
 Why the Hessian diagonal is accumulated here: ``GroupHessianImportance.accumulate_grad`` in
 torch-pruning 1.6 tests ``name not in self._accu_grad`` on a dict keyed by the parameter, so every
@@ -136,18 +137,33 @@ def reach_target(base: nn.Module, criterion: str, grads, frac: float, example: t
     """Bisection on the global channel ratio until the MACs reduction is in ``[frac, frac + tolerance]``;
     else the trial closest above the target. -> ``(model, ratio, achieved, trials)``.
 
-    Raises RuntimeError when no ratio reaches ``frac`` (torch-pruning never empties a group)."""
+    The reduction is not monotonic in the ratio near the top: torch-pruning skips a group whose
+    channels would all go, so a higher ratio can remove LESS (resnet32 on digits: ratio 0.85 removes
+    98.9% of the MACs, 0.875 only 93.3%) and the bisection can walk past the window. When no trial
+    reached ``frac``, ratios 0.01, 0.02, ..., 0.99 are tried in turn (first one in the window, else
+    the smallest reduction above ``frac``). Raises RuntimeError when none reaches ``frac``."""
     base_macs = count(base, example).macs
+
+    def trial(ratio: float):
+        model = tp_prune(base, criterion, grads, ratio, example)
+        return model, ratio, 1 - count(model, example).macs / base_macs
+
     lo, hi, best, trials = 0.0, 1.0, None, 0
     for trials in range(1, max_trials + 1):
-        ratio = (lo + hi) / 2
-        model = tp_prune(base, criterion, grads, ratio, example)
-        achieved = 1 - count(model, example).macs / base_macs
+        model, ratio, achieved = trial((lo + hi) / 2)
         if achieved >= frac and (best is None or achieved < best[2]):
             best = (model, ratio, achieved)
         if frac <= achieved <= frac + tolerance:
             break
         lo, hi = (ratio, hi) if achieved < frac else (lo, ratio)
+    if best is None:
+        for step in range(1, 100):
+            trials += 1
+            model, ratio, achieved = trial(step / 100)
+            if achieved >= frac and (best is None or achieved < best[2]):
+                best = (model, ratio, achieved)
+            if frac <= achieved <= frac + tolerance:
+                break
     if best is None:
         raise RuntimeError(f"no channel ratio reached {100 * frac:g}% fewer MACs")
     return (*best, trials)

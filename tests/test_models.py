@@ -82,6 +82,23 @@ def test_mobilenet_small_structure() -> None:
     assert [c.out_channels for c in _convs(half) if c.kernel_size == (1, 1)] == [16, 32, 32, 48, 48]
 
 
+@pytest.mark.parametrize("name", ["vgg_small", "mobilenet_small"])
+@pytest.mark.parametrize("method", ["eigendamage", "l1"])
+def test_benchmark_models_prune_at_16x16(name: str, method: str) -> None:
+    """The pruned-model quality benchmark (bench/quality.py) prunes these at 16x16, KFE and channels."""
+    import raykfe
+
+    torch.manual_seed(0)
+    model = build_model(name, 10).eval()
+    x, y = torch.randn(32, 3, 16, 16), torch.randint(0, 10, (32,))
+    res = raykfe.prune(model, [(x, y)], method=method, target="flops:0.5")
+    base, pruned = raykfe.count(model, x[:1]), raykfe.count(res.model, x[:1])
+    assert pruned.macs <= 0.52 * base.macs
+    res.model.eval()
+    with torch.no_grad():
+        assert res.model(x).shape == (32, 10)
+
+
 def test_resnet32_structure() -> None:
     model = build_model("resnet32", 10)
     convs = _convs(model)
