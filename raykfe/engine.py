@@ -254,7 +254,7 @@ def plan_from_scores(model: nn.Module, example: torch.Tensor, scored: Mapping[st
     """The KFE plan of already-scored layers for ``target``: the global selection
     (:func:`raykfe.plan.select`) with the model's exact counts; ``channels`` adds the channel
     units of a hybrid plan to it (``(graph, {group: scores}, caps)``)."""
-    s = settings or PruneSettings()
+    s = (settings or PruneSettings()).for_method(get_method(method))
     base = count(model, example)
     layers, summary = select(
         {n: (sc.rows, sc.cols) for n, sc in scored.items()}, dict(metas), target, base_params=base.params,
@@ -283,6 +283,7 @@ class _Run:
     :class:`_ChannelSpace`) knows how to score, select, cut and compose in its coordinates."""
 
     def __init__(self, model: nn.Module, source: Source, method: Method, settings: PruneSettings) -> None:
+        settings = settings.for_method(method)
         self.model, self.source, self.method, self.settings = model, source, method, settings
         self.rounds, self.iterative = _rounds(method, settings), method.rounds > 1
         self.timings: dict[str, float] = {}

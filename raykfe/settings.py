@@ -9,7 +9,7 @@ says how it was made. Fields are validated on construction; an error names the f
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Mapping
 
 from .errors import ConfigError
@@ -51,8 +51,9 @@ class PruneSettings:
     * ``recalibrate_batches``: BatchNorm running statistics re-estimated from this many batches
       after every step's surgery (:mod:`raykfe.recalibrate`); 0 turns it off;
     * ``rank``: units ranked by predicted loss increase per unit of the target's metric saved
-      (``"cost"``) or by predicted loss increase alone (``"score"``);
-    * ``normalize``: ``"mean"`` divides each layer's (group's) scores by their mean before ranking;
+      (``"cost"``) or by predicted loss increase alone (``"score"``); ``None``: the method's default;
+    * ``normalize``: ``"mean"`` divides each layer's (group's) scores by their mean before ranking,
+      ``"none"`` ranks them as they are; ``None``: the method's default (:meth:`for_method`);
     * ``hybrid``: a KFE method removes whole channels of the groups coupled to depthwise / grouped
       convs, which have no KFE form (:mod:`raykfe.hybrid`), in the same ranking;
     * ``progress``: progress bars on the statistics passes.
@@ -73,8 +74,8 @@ class PruneSettings:
     round_epochs: int | None = None
     steps: int = 1
     recalibrate_batches: int = 10
-    rank: str = "score"
-    normalize: str = "none"
+    rank: str | None = None
+    normalize: str | None = None
     hybrid: bool = True
     progress: bool = False
 
@@ -95,12 +96,19 @@ class PruneSettings:
             ("round_epochs", self.round_epochs is None or self.round_epochs >= 0, "use 0 or more epochs, or None"),
             ("steps", self.steps >= 1, "use 1 (one shot) or more steps"),
             ("recalibrate_batches", self.recalibrate_batches >= 0, "use 0 (off) or a number of batches, e.g. 10"),
-            ("rank", self.rank in ("cost", "score"), "use 'cost' (loss per MAC / parameter saved) or 'score'"),
-            ("normalize", self.normalize in ("none", "mean"), "use 'none' or 'mean'"),
+            ("rank", self.rank in (None, "cost", "score"), "use 'cost' (loss per MAC / parameter saved) or 'score'"),
+            ("normalize", self.normalize in (None, "none", "mean"), "use 'none' or 'mean'"),
         ]
         for key, ok, fix in checks:
             if not ok:
                 raise _bad(key, getattr(self, key), fix)
+
+    def for_method(self, method) -> "PruneSettings":
+        """These settings with every ``None`` that a method decides (``rank``, ``normalize``) set
+        to the method's default (:attr:`raykfe.methods.Method.defaults`), else the global one."""
+        fallback = {"rank": "score", "normalize": "none"}
+        chosen = {k: method.defaults.get(k, v) for k, v in fallback.items() if getattr(self, k) is None}
+        return replace(self, **chosen) if chosen else self
 
     def layer_ratio(self, rounds: int) -> float:
         """The per-layer cap: the setting, else 0.95 in one pass and 0.5 per round."""

@@ -26,7 +26,7 @@ updates the kept weights); the KFE methods are scored in the eigenbasis by the e
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
 
 import numpy as np
@@ -59,7 +59,8 @@ class Method:
     ``loss_units``: the scores are predicted loss increases (reported as such); ``needs_job``:
     the method has a stage the API cannot run (sparsity training), so the API refuses it with a
     one-line error naming the job command; ``shown``: the settings that say how it pruned (a
-    job report prints them beside the per-layer cap).
+    job report prints them beside the per-layer cap); ``defaults``: what the method chooses for the
+    settings left ``None`` (``rank``, ``normalize``; chosen with bench/quality.py, BENCHMARKS.md).
     """
 
     name: str
@@ -71,6 +72,7 @@ class Method:
     loss_units: bool = True
     needs_job: str = ""
     shown: tuple[str, ...] = ("fisher",)
+    defaults: dict = field(default_factory=dict, hash=False, compare=False)  # what it decides when settings are None
 
     def channel_scores(self, model: nn.Module, graph: "ChannelGraph", source, settings: "PruneSettings") -> ChannelScores:
         raise NotImplementedError(f"{self.name} is not a channel method")

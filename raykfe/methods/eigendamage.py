@@ -26,8 +26,10 @@ from . import Method, register
 
 __all__ = ["kfe_weight", "entry_scores", "unit_scores", "LayerScores", "score_in_basis", "layer_scores"]
 
+#: chosen with bench/quality.py on seed 0 (BENCHMARKS.md): each layer's scores divided by their mean
+#: before the global ranking keeps EigenDamage from emptying a few layers at aggressive targets
 register(Method("eigendamage", "kfe", "kfac", "EigenDamage: KFE directions scored by the K-FAC Fisher (one pass)",
-                shown=("fisher", "conv_mode")))
+                shown=("fisher", "conv_mode", "normalize", "rank"), defaults={"normalize": "mean"}))
 register(Method("eigendamage-iterative", "kfe", "kfac",
                 "EigenDamage in rounds of prune, fine-tune, re-collect and merge bases (prune.rounds)", rounds=3,
                 shown=("fisher", "conv_mode")))
