@@ -12,7 +12,7 @@ A job file has the sections below (every key optional, defaults shown by ``raykf
     stats:    {fisher, conv_mode, batch_size, max_batches, max_factor_dim}
     prune:    {method, target, max_layer_ratio, include_classifier, exclude, tolerance, freeze_rotations,
                rounds, round_epochs, damping, steps, recalibrate_batches, recalibrate_on, rank, normalize,
-               hybrid}
+               hybrid, ekfac}
     sparsity: {epochs, lr, ..., bn_l1}  # network slimming's sparsity training (prune.method=slimming)
     finetune: {epochs, lr, momentum, weight_decay, milestones, batch_size, bn_l1}
     output:   {uri, overwrite}
@@ -168,6 +168,7 @@ class PruneConfig:
     rank: str | None = None  # "cost": loss per MAC / parameter saved; "score": loss alone; null: the method's default
     normalize: str | None = None  # "mean": scores / their layer's mean before the global ranking; null: the method's
     hybrid: bool = True  # KFE methods remove channels of the groups coupled to depthwise / grouped convs
+    ekfac: bool = False  # KFE scores from the measured second moments in the eigenbasis (EKFAC)
 
     def validate(self, p: str) -> None:
         from .methods import METHODS

@@ -410,6 +410,12 @@ class _KfeSpace:
         with run.clock("eigen"):
             by_module = run.source.bases({t: stats[t] for t in names.values()},
                                          {t: found[t].weight_matrix() for t in names.values()}, "eigen" + sfx) if names else {}
+        if run.settings.ekfac and by_module:
+            from .ekfac import rescored
+
+            spec = {"conv_mode": mode, "layers": {t: {"QA": sc.basis.QA, "QS": sc.basis.QS} for t, sc in by_module.items()}}
+            with run.clock("statistics"):
+                by_module = rescored(by_module, run.source.measure(current, composite, "ekfac", spec, "ekfac" + sfx))
         self.stats = stats
         out = _KfeScored(stats, {n: by_module[t] for n, t in names.items()}, names)
         if self.groups:

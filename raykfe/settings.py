@@ -56,6 +56,8 @@ class PruneSettings:
       ``"none"`` ranks them as they are; ``None``: the method's default (:meth:`for_method`);
     * ``hybrid``: a KFE method removes whole channels of the groups coupled to depthwise / grouped
       convs, which have no KFE form (:mod:`raykfe.hybrid`), in the same ranking;
+    * ``ekfac``: the KFE scores use the measured second moments of the per-example gradients in
+      the eigenbasis instead of ``l_S l_A`` (:mod:`raykfe.ekfac`; a second statistics pass);
     * ``progress``: progress bars on the statistics passes.
     """
 
@@ -77,6 +79,7 @@ class PruneSettings:
     rank: str | None = None
     normalize: str | None = None
     hybrid: bool = True
+    ekfac: bool = False
     progress: bool = False
 
     def __post_init__(self) -> None:
@@ -137,5 +140,6 @@ class PruneSettings:
             freeze_rotations=p.freeze_rotations, seed=cfg.seed, max_batches=s.max_batches,
             max_factor_dim=s.max_factor_dim, damping=p.damping, rounds=p.rounds, round_epochs=p.round_epochs,
             steps=p.steps, recalibrate_batches=p.recalibrate_batches, rank=p.rank, normalize=p.normalize, hybrid=p.hybrid,
+            ekfac=p.ekfac,
             progress=cfg.progress,
         )

@@ -134,4 +134,5 @@ from . import sosp as _sosp  # noqa: E402,F401
 from . import magnitude as _magnitude  # noqa: E402,F401
 from .eigendamage import entry_scores, kfe_weight, unit_scores  # noqa: E402,F401
 from .. import recalibrate as _recalibrate  # noqa: E402,F401  (registers the "bn" statistic)
+from .. import ekfac as _ekfac  # noqa: E402,F401  (registers the "ekfac" statistic)
 
