@@ -71,7 +71,7 @@ class Method:
     rounds: int = 1
     loss_units: bool = True
     needs_job: str = ""
-    shown: tuple[str, ...] = ("fisher",)
+    shown: tuple[str, ...] = ("fisher", "normalize")
     defaults: dict = field(default_factory=dict, hash=False, compare=False)  # what it decides when settings are None
 
     def channel_scores(self, model: nn.Module, graph: "ChannelGraph", source, settings: "PruneSettings") -> ChannelScores:

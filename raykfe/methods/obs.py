@@ -637,18 +637,22 @@ class KroneckerChannels(Method):
         return new
 
 
-register(COBD("c-obd", "channels", "diag-fisher", "channel OBD with the exact diagonal Fisher"))
+#: the second-order channel methods rank each group's scores divided by their mean: measured with
+#: bench/quality.py on seed 0 for c-obd and kron-obs (BENCHMARKS.md), the same for their siblings
+NORMALIZED = {"normalize": "mean"}
+
+register(COBD("c-obd", "channels", "diag-fisher", "channel OBD with the exact diagonal Fisher", defaults=NORMALIZED))
 register(KroneckerChannels(
     "c-obs", "channels", "kfac-full", "channel OBS, element-wise with the damped K-FAC inverse, sum-of-singles update",
-    compensates=True, shown=("fisher", "damping"), score_fn=lambda w, A, S, d: cobs_scores(w, A, S, damping=d),
-    update_fn=cobs_update,
+    compensates=True, shown=("fisher", "damping", "normalize"), score_fn=lambda w, A, S, d: cobs_scores(w, A, S, damping=d),
+    update_fn=cobs_update, defaults=NORMALIZED,
 ))
 register(KroneckerChannels(
     "kron-obd", "channels", "kfac-full", "channel OBD with the K-FAC Fisher: 1/2 S_ii w_i^T A w_i",
-    score_fn=lambda w, A, S, d: kron_obd_scores(w, A, S),
+    score_fn=lambda w, A, S, d: kron_obd_scores(w, A, S), defaults=NORMALIZED,
 ))
 register(KroneckerChannels(
     "kron-obs", "channels", "kfac-full", "channel OBS with the damped K-FAC Fisher and its joint compensating update",
-    compensates=True, shown=("fisher", "damping"), score_fn=lambda w, A, S, d: kron_obs_scores(w, A, S, damping=d),
-    update_fn=kron_obs_update,
+    compensates=True, shown=("fisher", "damping", "normalize"), score_fn=lambda w, A, S, d: kron_obs_scores(w, A, S, damping=d),
+    update_fn=kron_obs_update, defaults=NORMALIZED,
 ))
