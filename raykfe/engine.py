@@ -3,14 +3,17 @@ and sweeps (:mod:`raykfe.sweep`)::
 
     prune(model, source, method, target, settings) -> PruneResult
 
-    for each round r = 1..R (R = 1 unless the method works in rounds):
+    for each round r = 1..R (an iterative method's rounds, or prune.steps one-shot steps; else 1):
         statistics of the current model     source.kfac / source.measure   stage "stats[-round<r>]"
-        scores                              KFE: eigenbases on source.bases stage "eigen[-round<r>]";
-                                            channels: the method's channel_scores
+        scores                              KFE: eigenbases on source.bases stage "eigen[-round<r>]"
+                                            (EKFAC: a second pass); channels: channel_scores
         plan for the round's target         global selection with exact counts  "plan[-round<r>].json"
         surgery                             KFE: rotation -> core -> rotation, merged into the
-                                            earlier rounds' rotations; channels: coupled slices
-                                            removed after the method's compensating update
+                                            earlier rounds' rotations (hybrid: channels first);
+                                            channels: coupled slices removed after the method's
+                                            compensating update
+        BatchNorm recalibration             source.bn_sums (prune.recalibrate_batches)
+        predicted vs measured loss          source.evaluate on held-out data, when it has any
         fine-tuning before the next round   source.train (iterative methods: a job only)
 
 A *source* (:class:`Source`) supplies what depends on where the work runs: the statistics of a
@@ -298,7 +301,7 @@ class _Run:
         current, composite, R = self.model, None, self.rounds
         metric = "macs" if tgt.kind == "flops" else "params"
         base_cost = getattr(count(self.model, self.example), metric)
-        before = self.base_quality = self.source.evaluate(self.model)
+        before = self.source.evaluate(self.model)
         steps: list[dict] = []
         for r in range(1, R + 1):
             done = self.source.recall_round(r) if r < R and self.iterative else None
