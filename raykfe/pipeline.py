@@ -299,8 +299,9 @@ def _finish(job: _Job, result: engine.PruneResult, base_test: dict, base_val: di
 
 
 def _shown_settings(job: _Job) -> dict:
-    """The settings that say how this method pruned (the report's settings line)."""
-    s, m = job.settings, job.method
+    """The settings that say how this method pruned (the report's settings line), as resolved for
+    the method (its defaults filled in)."""
+    s, m = job.settings.for_method(job.method), job.method
     return {"max_layer_ratio": s.layer_ratio(s.rounds or m.rounds), **{k: getattr(s, k) for k in m.shown}}
 
 

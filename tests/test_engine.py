@@ -90,6 +90,8 @@ def test_api_and_job_reach_the_same_plan(tmp_path, method):
                        example_input=splits.test[0][0][None])
     a, b = job.result.plan, res.plan
     assert (a.params, a.macs, a.removed) == (b.params, b.macs, b.removed)
+    report = (tmp_path / "job" / "report.md").read_text()  # says how the plan was made
+    assert "normalize: mean" in report and ("damping: 0.001" in report) == (method == "kron-obs")
     assert {n: (lp.keep_in, lp.keep_out) for n, lp in a.layers.items()} == {n: (lp.keep_in, lp.keep_out) for n, lp in b.layers.items()}
 
 
@@ -162,3 +164,33 @@ def test_a_job_in_steps_resumes_from_its_finished_steps(tmp_path):
     assert job.metrics["reused_stages"][:4] == ["base", "statistics", "eigen", "plan"]
     again = run_job(load_config("jobs/digits.yaml", [*overrides, f"output.uri={tmp_path / 'b'}"]), log=lambda m: None)
     assert job.result.plan.layers == again.result.plan.layers and job.metrics["macs_reduction"] >= 0.6
+
+
+@pytest.mark.parametrize("method", ["kron-obs", "l1"])
+def test_channel_reports_count_each_layer_and_predict_in_loss_units(method):
+    """A channel plan's report rows give each layer's params and MACs after / before (counted
+    again here on the two models) and, for a method whose scores are loss increases, the predicted
+    increase of each group on its root row (the removed channels' scores; None for l1)."""
+    from raykfe.counting import layer_counts
+
+    torch.manual_seed(0)
+    model = build_model("resnet8", 10).eval()
+    batches = _tiny_batches()
+    x = batches[0][0][:1]
+    res = raykfe.prune(model, batches, method=method, target="flops:0.5")
+    before, after = layer_counts(model, x), layer_counts(res.model, x)
+    rows = {r["layer"]: r for r in res.report if r["action"] in ("channels", "kept")}
+    assert rows and set(rows) == set(res.plan.channels)
+    for name, r in rows.items():
+        assert (r["params"], r["macs"], r["dense_params"], r["dense_macs"]) == (
+            after[name].params, after[name].macs, before[name].params, before[name].macs), name
+    roots = [n for n in rows if n in res.plan.removed]
+    assert roots
+    for name in roots:
+        if method == "l1":
+            assert rows[name]["predicted_dloss"] is None
+        else:
+            assert rows[name]["predicted_dloss"] > 0, name
+    if method == "kron-obs":
+        total = sum(r["predicted_dloss"] or 0.0 for r in rows.values())
+        assert total == pytest.approx(res.plan.steps[0]["predicted_dloss"], rel=1e-12)
