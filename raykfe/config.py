@@ -165,7 +165,7 @@ class PruneConfig:
     steps: int = 1  # one-shot prune steps, statistics re-collected between them (no training)
     recalibrate_batches: int = 10  # BatchNorm statistics re-estimated after surgery from this many batches (0: off)
     recalibrate_on: str = "driver"  # "driver" (in the job's process) or "workers" (sharded, all-reduced)
-    rank: str | None = None  # "cost": loss per MAC / parameter saved; "score": loss alone; null: the method's default
+    rank: str | None = None  # "cost": loss per MAC / parameter saved; "score": loss alone; "auto": the better fit; null: the method's
     normalize: str | None = None  # "mean": scores / their layer's mean before the global ranking; null: the method's
     hybrid: bool = True  # KFE methods remove channels of the groups coupled to depthwise / grouped convs
     ekfac: bool = False  # KFE scores from the measured second moments in the eigenbasis (EKFAC)
@@ -198,7 +198,7 @@ class PruneConfig:
         _check(self.recalibrate_batches >= 0, f"{p}.recalibrate_batches", self.recalibrate_batches,
                "use 0 (off) or a number of batches, e.g. 10")
         _check(self.recalibrate_on in ("driver", "workers"), f"{p}.recalibrate_on", self.recalibrate_on, "use driver or workers")
-        _check(self.rank in (None, "cost", "score"), f"{p}.rank", self.rank, "use cost or score, or null")
+        _check(self.rank in (None, "cost", "score", "auto"), f"{p}.rank", self.rank, "use cost, score or auto, or null")
         _check(self.normalize in (None, "none", "mean"), f"{p}.normalize", self.normalize, "use none or mean, or null")
 
     @property

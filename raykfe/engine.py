@@ -53,7 +53,10 @@ from .plan import ChannelLayer, Plan, Summary, Target, parse_target, select
 from .settings import PruneSettings
 from .surgery import rebuild
 
-__all__ = ["prune", "prepare", "PruneResult", "Source", "BatchSource", "check_counts", "plan_from_scores"]
+__all__ = ["prune", "prepare", "PruneResult", "Source", "BatchSource", "check_counts", "plan_from_scores", "AUTO_RANKS"]
+
+#: the rankings ``rank="auto"`` tries (module docstring of :mod:`raykfe.plan`: :func:`raykfe.plan.rank_keys`)
+AUTO_RANKS = ("score", "cost")
 
 
 @dataclass
@@ -110,6 +113,11 @@ class Source(Protocol):
 
     def evaluate(self, model: nn.Module) -> dict | None:
         """``{"loss", "accuracy"}`` of ``model`` on held-out data, or None without any."""
+        ...
+
+    def fit_loss(self, model: nn.Module) -> float:
+        """The mean loss of ``model`` (eval mode) on the statistics data, with the data's labels:
+        what ``rank="auto"`` compares its candidates on."""
         ...
 
     def log(self, message: str) -> None: ...
@@ -188,6 +196,11 @@ class BatchSource:
         from .finetune import evaluate
 
         return evaluate(model, self.heldout, device=_device(model)) if self.heldout else None
+
+    def fit_loss(self, model):
+        from .finetune import evaluate
+
+        return evaluate(model, [(b[0], b[1]) for b in self.batches], device=_device(model))["loss"]
 
     def log(self, message):
         pass
@@ -314,16 +327,14 @@ class _Run:
             scored = self.space.score(current, composite, r)
             with self.clock("plan"):
                 target = tgt if R == 1 else round_target(tgt, base_cost, getattr(count(current, self.example), metric), r, R)
-                plan_r = self.source.recall_plan(f"plan{_suffix(r)}")
-                if plan_r is None:
-                    plan_r = self.space.select(current, scored, target, r)
-                    self.source.keep_plan(f"plan{_suffix(r)}", plan_r)
-                new = self.space.apply(current, plan_r, scored)
+                plan_r, new, candidates = self._choose(current, scored, target, r)
+                self.space.accept(plan_r, scored)
                 composite = plan_r if R == 1 else self.space.compose(composite, plan_r, r)
                 check_counts(new, composite, self.example, f"round {r}'s model" if R > 1 else "the rebuilt model")
-            self._recalibrate(new, composite)
+            if not candidates:  # a chosen candidate is recalibrated already
+                self._recalibrate(new, composite)
             after = self.source.evaluate(new)
-            steps.append(_step(r, plan_r, self.space.predicted(plan_r, scored), before, after))
+            steps.append({**_step(r, plan_r, self.space.predicted(plan_r, scored), before, after), **candidates})
             composite = dataclasses.replace(composite, steps=list(steps))
             if r < R and self.iterative:
                 self._train(new, composite, r, base_cost, metric)
@@ -338,6 +349,30 @@ class _Run:
                 composite.summary, target=str(tgt), achieved=achieved,
                 within_tolerance=bool(achieved - tgt.fraction <= self.settings.tolerance)))
         return current, composite
+
+    def _choose(self, current: nn.Module, scored, target: Target, r: int) -> tuple[Plan, nn.Module, dict]:
+        """The round's plan and pruned model: a plan an earlier run finished, the plan of the
+        settings' ranking, or with ``rank="auto"`` the candidate ("score", "cost") whose pruned
+        and recalibrated model has the lower loss on the statistics data (never the held-out
+        data: that measures the result). Returns the candidates' losses for the step's record."""
+        stage = f"plan{_suffix(r)}"
+        plan = self.source.recall_plan(stage)
+        if plan is not None:
+            return plan, self.space.apply(current, plan, scored), {}
+        if self.settings.rank != "auto":
+            plan = self.space.select(current, scored, target, r, self.settings)
+            self.source.keep_plan(stage, plan)
+            return plan, self.space.apply(current, plan, scored), {}
+        tried = {}
+        for rank in AUTO_RANKS:
+            plan = self.space.select(current, scored, target, r, dataclasses.replace(self.settings, rank=rank))
+            model = self.space.apply(current, plan, scored)
+            self._recalibrate(model, plan)
+            tried[rank] = (self.source.fit_loss(model), plan, model)
+        rank = min(tried, key=lambda k: tried[k][0])
+        _, plan, model = tried[rank]
+        self.source.keep_plan(stage, plan)
+        return plan, model, {"rank": rank, "candidate_losses": {k: v[0] for k, v in tried.items()}}
 
     def _recalibrate(self, model: nn.Module, plan: Plan) -> None:
         if self.settings.recalibrate_batches:
@@ -431,7 +466,7 @@ class _KfeSpace:
             out.channel_scores = consumer_scores(out.graph, self.groups, found, stats)
         return out
 
-    def select(self, current: nn.Module, scored: _KfeScored, target: Target, r: int) -> Plan:
+    def select(self, current: nn.Module, scored: _KfeScored, target: Target, r: int, settings: PruneSettings) -> Plan:
         run = self.run
         names = scored.names
         metas = round_metas(current, self.metas, {t: scored.stats[t].meta for t in names.values()}, names)
@@ -444,11 +479,13 @@ class _KfeSpace:
                 {g.name: (g.size,) for g in scored.graph.groups if g.name in self.groups},
                 {g.name: (g.size,) for g in self.graph.groups}).items()}
             channels = (scored.graph, scored.channel_scores, chan_caps)
-        plan = plan_from_scores(current, run.example, scored.scores, metas, target, self.skipped, method=run.method.name,
-                                settings=run.settings, rounds=run.rounds if run.iterative else 1, caps=caps, channels=channels)
+        return plan_from_scores(current, run.example, scored.scores, metas, target, self.skipped, method=run.method.name,
+                                settings=settings, rounds=run.rounds if run.iterative else 1, caps=caps, channels=channels)
+
+    def accept(self, plan: Plan, scored: _KfeScored) -> None:
+        """Keep the predicted loss of the channels a chosen round plan removes (hybrid groups)."""
         for g, idx in plan.removed.items():
             self.dloss[g] = self.dloss.get(g, 0.0) + float(scored.channel_scores[g][idx].sum())
-        return plan
 
     def apply(self, current: nn.Module, plan: Plan, scored: _KfeScored) -> nn.Module:
         if plan.removed:
@@ -507,8 +544,8 @@ class _ChannelSpace:
             cs = run.method.channel_scores(current, graph, _Bound(run.source, current, composite, _suffix(r)), run.settings)
         return graph, cs
 
-    def select(self, current: nn.Module, scored, target: Target, r: int) -> Plan:
-        run, s = self.run, self.run.settings
+    def select(self, current: nn.Module, scored, target: Target, r: int, settings: PruneSettings) -> Plan:
+        run, s = self.run, settings
         graph, cs = scored
         caps = None
         if r > 1:
@@ -516,9 +553,6 @@ class _ChannelSpace:
                                                        {g.name: (g.size,) for g in self.graph.groups}).items()}
         removed, summary = graph.select(cs.scores, target, max_layer_ratio=s.layer_ratio(1), tolerance=s.tolerance,
                                         rank=s.rank, normalize=s.normalize, caps=caps)
-        if run.method.loss_units:
-            for g, idx in removed.items():
-                self.dloss[g] = self.dloss.get(g, 0.0) + float(np.asarray(cs.scores[g])[idx].sum())
         summary = {**summary, "units_removed": summary["removed_channels"], "units_total": summary["channels"]}
         return _plan(run.method, target, s, count(current, run.example), summary, removed=removed,
                      skipped=dict(graph.skipped), input_shape=list(run.example.shape[1:]))
@@ -530,6 +564,12 @@ class _ChannelSpace:
         m = self.run.method
         source = m.compensate(current, graph, plan.removed, cs.aux, self.run.settings) if m.compensates else current
         return apply_channels(source, self.run.example, plan.removed)
+
+    def accept(self, plan: Plan, scored) -> None:
+        """Keep the predicted loss of the channels a chosen round plan removes, per group."""
+        if self.run.method.loss_units:
+            for g, idx in plan.removed.items():
+                self.dloss[g] = self.dloss.get(g, 0.0) + float(np.asarray(scored[1].scores[g])[idx].sum())
 
     def predicted(self, plan: Plan, scored) -> float | None:
         """The sum of the removed channels' scores (None when they are not in loss units)."""

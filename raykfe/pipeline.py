@@ -135,6 +135,14 @@ class JobSource:
     def evaluate(self, model):
         return self.job.evaluate(model, self.job.val_loader)
 
+    def fit_loss(self, model):
+        """Over the first ``stats.max_batches`` (at most 10) statistics batches of the training split."""
+        from itertools import islice
+
+        s = self.job.cfg.stats
+        loader = make_loader(self.job.splits.train, s.batch_size, shuffle=False)
+        return self.job.evaluate(model, list(islice(loader, min(s.max_batches or 10, 10))))["loss"]
+
     def log(self, message):
         self.job.log(message)
 

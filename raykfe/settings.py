@@ -51,7 +51,9 @@ class PruneSettings:
     * ``recalibrate_batches``: BatchNorm running statistics re-estimated from this many batches
       after every step's surgery (:mod:`raykfe.recalibrate`); 0 turns it off;
     * ``rank``: units ranked by predicted loss increase per unit of the target's metric saved
-      (``"cost"``) or by predicted loss increase alone (``"score"``); ``None``: the method's default;
+      (``"cost"``) or by predicted loss increase alone (``"score"``), or ``"auto"``: both, keeping the
+      plan whose pruned, recalibrated model has the lower loss on the statistics data; ``None``:
+      the method's default;
     * ``normalize``: ``"mean"`` divides each layer's (group's) scores by their mean before ranking,
       ``"none"`` ranks them as they are; ``None``: the method's default (:meth:`for_method`);
     * ``hybrid``: a KFE method removes whole channels of the groups coupled to depthwise / grouped
@@ -99,7 +101,8 @@ class PruneSettings:
             ("round_epochs", self.round_epochs is None or self.round_epochs >= 0, "use 0 or more epochs, or None"),
             ("steps", self.steps >= 1, "use 1 (one shot) or more steps"),
             ("recalibrate_batches", self.recalibrate_batches >= 0, "use 0 (off) or a number of batches, e.g. 10"),
-            ("rank", self.rank in (None, "cost", "score"), "use 'cost' (loss per MAC / parameter saved) or 'score'"),
+            ("rank", self.rank in (None, "cost", "score", "auto"),
+             "use 'cost' (loss per MAC / parameter saved), 'score', or 'auto' (the one whose pruned model fits better)"),
             ("normalize", self.normalize in (None, "none", "mean"), "use 'none' or 'mean'"),
         ]
         for key, ok, fix in checks:

@@ -194,3 +194,28 @@ def test_channel_reports_count_each_layer_and_predict_in_loss_units(method):
     if method == "kron-obs":
         total = sum(r["predicted_dloss"] or 0.0 for r in rows.values())
         assert total == pytest.approx(res.plan.steps[0]["predicted_dloss"], rel=1e-12)
+
+
+def test_auto_rank_keeps_the_candidate_that_fits_the_statistics_data_better():
+    """``rank="auto"`` prunes with both rankings and keeps the plan whose recalibrated model has the
+    lower loss on the statistics batches: the same plan as that ranking alone, and the record says
+    which and the two losses (recomputed here)."""
+    from raykfe.finetune import evaluate
+    from raykfe.recalibrate import recalibrate
+
+    torch.manual_seed(0)
+    model = build_model("resnet8", 10).eval()
+    batches = _tiny_batches()
+    res = raykfe.prune(model, batches, target="flops:0.6", rank="auto")
+    step = res.plan.steps[0]
+    losses = {}
+    for rank in ("score", "cost"):
+        alone = raykfe.prune(model, batches, target="flops:0.6", rank=rank)
+        m = alone.model
+        recalibrate(m, batches, 10)
+        losses[rank] = evaluate(m, batches)["loss"]
+        if rank == step["rank"]:
+            assert {n: (lp.keep_in, lp.keep_out) for n, lp in alone.plan.layers.items()} == {
+                n: (lp.keep_in, lp.keep_out) for n, lp in res.plan.layers.items()}
+    assert step["candidate_losses"] == pytest.approx(losses, rel=1e-9)
+    assert step["rank"] == min(losses, key=losses.get) and res.plan.settings["rank"] == step["rank"]

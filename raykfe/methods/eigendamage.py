@@ -27,9 +27,11 @@ from . import Method, register
 __all__ = ["kfe_weight", "entry_scores", "unit_scores", "LayerScores", "score_in_basis", "layer_scores"]
 
 #: chosen with bench/quality.py on seed 0 (BENCHMARKS.md): each layer's scores divided by their mean
-#: before the global ranking keeps EigenDamage from emptying a few layers at aggressive targets
+#: before the global ranking keeps EigenDamage from emptying a few layers at aggressive targets; the
+#: ranking by loss per MAC saved wins on some architectures and loses on others, so both are tried
+#: and the plan whose pruned model fits the statistics data better is kept
 register(Method("eigendamage", "kfe", "kfac", "EigenDamage: KFE directions scored by the K-FAC Fisher (one pass)",
-                shown=("fisher", "conv_mode", "normalize", "rank"), defaults={"normalize": "mean"}))
+                shown=("fisher", "conv_mode", "normalize", "rank"), defaults={"normalize": "mean", "rank": "auto"}))
 register(Method("eigendamage-iterative", "kfe", "kfac",
                 "EigenDamage in rounds of prune, fine-tune, re-collect and merge bases (prune.rounds)", rounds=3,
                 shown=("fisher", "conv_mode")))
