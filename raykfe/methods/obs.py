@@ -1,5 +1,9 @@
 """Parameter-coordinate baselines: C-OBD, Kron-OBD, Kron-OBS, C-OBS and L1, per output row.
 
+Registered here (the end of the module): ``c-obd`` (the diagonal Fisher statistic), ``c-obs``,
+``kron-obd`` and ``kron-obs`` (K-FAC factors in full conv mode, the OBS ones with their
+compensating update); ``l1`` uses :func:`l1_scores` from :mod:`raykfe.methods.magnitude`.
+
 The structure scored is an OUTPUT channel / neuron: row ``i`` of a layer's weights. Two layouts:
 
 * the module's own weight ``[out, ...]`` (+ bias ``[out]``) for C-OBD and L1;
