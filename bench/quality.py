@@ -449,21 +449,23 @@ def accuracy_tables(res: dict) -> list[str]:
     return out
 
 
-def cost_tables(res: dict) -> list[str]:
+def per_arch_tables(res: dict, title: str, cell, budget: str | None = None) -> list[str]:
+    """One table per architecture, a row per arm, a column per target: ``cell(aggregate)`` where
+    every cell of the column ran, its status otherwise; ``title`` follows ``**arch**: ``."""
     archs, arms, targets, _ = dims(res)
     out = []
     for arch in archs:
         rows = []
         for arm in arms:
-            row = [arm]
-            for t in targets:
-                a = aggregate(res["cells"], arch, arm, t)
-                row.append(a["status"] if a["ok"] == 0 else
-                           f"{a['macs_removed']:.1f} / {a['params_removed']:.1f} / {a['prune_seconds']:.1f}" + _partial(a))
-            rows.append(row)
-        out.append(f"**{arch}**: MACs removed % / params removed % / seconds of pruning\n\n"
-                   + format_table(["arm"] + [f"flops:{t:g}" for t in targets], rows, markdown=True))
+            aggs = [aggregate(res["cells"], arch, arm, t, budget) for t in targets]
+            rows.append([arm, *(a["status"] if a["ok"] == 0 else cell(a) for a in aggs)])
+        out.append(f"**{arch}**: {title}\n\n" + format_table(["arm"] + [f"flops:{t:g}" for t in targets], rows, markdown=True))
     return out
+
+
+def cost_tables(res: dict) -> list[str]:
+    return per_arch_tables(res, "MACs removed % / params removed % / seconds of pruning", lambda a: (
+        f"{a['macs_removed']:.1f} / {a['params_removed']:.1f} / {a['prune_seconds']:.1f}" + _partial(a)))
 
 
 def summary_table(res: dict) -> str | None:
@@ -492,39 +494,19 @@ def summary_table(res: dict) -> str | None:
 
 def recalibration_tables(res: dict) -> list[str]:
     """Test accuracy straight out of the pruner vs after BatchNorm recalibration (budget 0)."""
-    archs, arms, targets, _ = dims(res)
-    out = []
-    for arch in archs:
-        rows = []
-        for arm in arms:
-            row = [arm]
-            for t in targets:
-                a = aggregate(res["cells"], arch, arm, t, "0")
-                row.append(a["status"] if a["ok"] == 0 else
-                           f"{a['no_recal_acc']:.1f} -> {a['acc']:.1f}" if "acc" in a else f"{a['no_recal_acc']:.1f}")
-            rows.append(row)
-        out.append(f"**{arch}**: test accuracy % straight out of the pruner -> after BatchNorm recalibration\n\n"
-                   + format_table(["arm"] + [f"flops:{t:g}" for t in targets], rows, markdown=True))
-    return out
+    return per_arch_tables(
+        res, "test accuracy % straight out of the pruner -> after BatchNorm recalibration",
+        lambda a: f"{a['no_recal_acc']:.1f} -> {a['acc']:.1f}" if "acc" in a else f"{a['no_recal_acc']:.1f}", budget="0")
 
 
 def calibration_tables(res: dict) -> list[str]:
     """Predicted (raykfe, where exposed) vs actual validation-loss increase right after pruning."""
-    archs, arms, targets, _ = dims(res)
-    out = []
-    for arch in archs:
-        rows = []
-        for arm in arms:
-            row = [arm]
-            for t in targets:
-                a = aggregate(res["cells"], arch, arm, t)
-                pred = "-" if a.get("predicted_dloss") is None else f"{a['predicted_dloss']:.3g}"
-                row.append(a["status"] if a["ok"] == 0 else f"{pred} / {a['actual_dloss']:.3g}" + _partial(a))
-            rows.append(row)
-        out.append(f"**{arch}**: predicted / actual increase of the validation loss after pruning + recalibration "
-                   "(nats; predicted: sum of the plan's `predicted_dloss`, '-' where the result gives none)\n\n"
-                   + format_table(["arm"] + [f"flops:{t:g}" for t in targets], rows, markdown=True))
-    return out
+    def cell(a):
+        pred = "-" if a.get("predicted_dloss") is None else f"{a['predicted_dloss']:.3g}"
+        return f"{pred} / {a['actual_dloss']:.3g}" + _partial(a)
+
+    return per_arch_tables(res, "predicted / actual increase of the validation loss after pruning + recalibration "
+                                "(nats; predicted: sum of the plan's `predicted_dloss`, '-' where the result gives none)", cell)
 
 
 def refusals(res: dict) -> list[str]:

@@ -393,7 +393,8 @@ def select(
     caps: dict[str, tuple[int, int]] | None = None,
     channels=None,
 ) -> tuple[dict[str, LayerPlan], dict]:
-    """Choose the units to remove for ``target``.
+    """Choose the units to remove for ``target``. (Long: the docstring is the selection's contract;
+    the body is one ranking and one bisection.)
 
     ``scores[name] = (row_scores [d_out], col_scores [d_in])``; ``metas[name]`` is the layer's
     geometry. ``base_params``/``base_macs`` count the WHOLE model (all layers, pruned or not).
