@@ -281,7 +281,7 @@ def _finish(job: _Job, result: engine.PruneResult, base_test: dict, base_val: di
     metrics = {
         "name": cfg.name, "method": cfg.prune.method, "target": cfg.prune.target,
         "backend": getattr(job.backend, "name", type(job.backend).__name__), "achieved": result.plan.summary.achieved,
-        "settings": _shown_settings(job),
+        "settings": _shown_settings(job, result.plan), "quality": _quality(result.plan),
         "base": {"test_acc": base_test["accuracy"], "val_acc": base_val["accuracy"], "params": base_counts.params,
                  "macs": base_counts.macs},
         "pruned": {"test_acc_before_finetune": before["accuracy"], "test_acc": pruned_test["accuracy"],
@@ -306,11 +306,27 @@ def _finish(job: _Job, result: engine.PruneResult, base_test: dict, base_val: di
     return JobResult(cfg, metrics, result, timings=job.timings)
 
 
-def _shown_settings(job: _Job) -> dict:
+def _shown_settings(job: _Job, plan: Plan) -> dict:
     """The settings that say how this method pruned (the report's settings line), as resolved for
-    the method (its defaults filled in)."""
+    the method (its defaults filled in); ``rank: auto`` with the ranking it chose."""
     s, m = job.settings.for_method(job.method), job.method
-    return {"max_layer_ratio": s.layer_ratio(s.rounds or m.rounds), **{k: getattr(s, k) for k in m.shown}}
+    shown = {"max_layer_ratio": s.layer_ratio(s.rounds or m.rounds), **{k: getattr(s, k) for k in m.shown}}
+    if shown.get("rank") == "auto":
+        shown["rank"] = f"auto ({', '.join(str(st.get('rank', '?')) for st in plan.steps)})"
+    return shown
+
+
+def _quality(plan: Plan) -> dict:
+    """The loss increase the plan's scores predicted beside the one measured on the validation
+    split right after pruning (BatchNorm recalibrated), over all its steps."""
+    steps = plan.steps
+    measured = [st for st in steps if "actual_dloss" in st]
+    out = {"predicted_dloss": None if any(st.get("predicted_dloss") is None for st in steps)
+           else float(sum(st["predicted_dloss"] for st in steps))}
+    if measured:
+        out.update(val_loss_base=measured[0]["loss_before"], val_loss_pruned=measured[-1]["loss"],
+                   val_acc_pruned=measured[-1]["accuracy"], measured_dloss=float(sum(st["actual_dloss"] for st in measured)))
+    return out
 
 
 def _load_base_weights(model: nn.Module, path: str) -> None:

@@ -154,6 +154,12 @@ def job_table(metrics: dict, *, markdown: bool = False) -> str:
     )
     if metrics.get("settings"):
         table += "\n\n" + ", ".join(f"{k}: {v}" for k, v in metrics["settings"].items())
+    q = metrics.get("quality") or {}
+    if "measured_dloss" in q:
+        pred = "-" if q.get("predicted_dloss") is None else f"{q['predicted_dloss']:.3g}"
+        table += (f"\nright after pruning (BatchNorm recalibrated): validation loss {q['val_loss_pruned']:.4f} (base "
+                  f"{q['val_loss_base']:.4f}), accuracy {100 * q['val_acc_pruned']:.2f}%; loss increase measured "
+                  f"{q['measured_dloss']:.3g}, predicted by the scores {pred}")
     if metrics.get("latency"):
         table += "\n\n" + latency_table(metrics["latency"], markdown=markdown)
     t = metrics.get("timings", {})
