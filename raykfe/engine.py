@@ -269,8 +269,12 @@ def plan_from_scores(model: nn.Module, example: torch.Tensor, scored: Mapping[st
                      caps: Mapping[str, tuple[int, int]] | None = None, channels=None) -> Plan:
     """The KFE plan of already-scored layers for ``target``: the global selection
     (:func:`raykfe.plan.select`) with the model's exact counts; ``channels`` adds the channel
-    units of a hybrid plan to it (``(graph, {group: scores}, caps)``)."""
+    units of a hybrid plan to it (``(graph, {group: scores}, caps)``). Nothing is measured here, so
+    ``rank="auto"`` (a choice by measured loss, :meth:`_Run._choose`) ranks by the first of
+    :data:`AUTO_RANKS`."""
     s = (settings or PruneSettings()).for_method(get_method(method))
+    if s.rank == "auto":
+        s = dataclasses.replace(s, rank=AUTO_RANKS[0])
     base = count(model, example)
     layers, summary = select(
         {n: (sc.rows, sc.cols) for n, sc in scored.items()}, dict(metas), target, base_params=base.params,
@@ -327,14 +331,14 @@ class _Run:
             scored = self.space.score(current, composite, r)
             with self.clock("plan"):
                 target = tgt if R == 1 else round_target(tgt, base_cost, getattr(count(current, self.example), metric), r, R)
-                plan_r, new, candidates = self._choose(current, scored, target, r)
+                plan_r, new, choice, calibrated = self._choose(current, scored, target, r)
                 self.space.accept(plan_r, scored)
                 composite = plan_r if R == 1 else self.space.compose(composite, plan_r, r)
                 check_counts(new, composite, self.example, f"round {r}'s model" if R > 1 else "the rebuilt model")
-            if not candidates:  # a chosen candidate is recalibrated already
+            if not calibrated:
                 self._recalibrate(new, composite)
             after = self.source.evaluate(new)
-            steps.append({**_step(r, plan_r, self.space.predicted(plan_r, scored), before, after), **candidates})
+            steps.append({**_step(r, plan_r, self.space.predicted(plan_r, scored), before, after), **choice})
             composite = dataclasses.replace(composite, steps=list(steps))
             if r < R and self.iterative:
                 self._train(new, composite, r, base_cost, metric)
@@ -350,19 +354,21 @@ class _Run:
                 within_tolerance=bool(achieved - tgt.fraction <= self.settings.tolerance)))
         return current, composite
 
-    def _choose(self, current: nn.Module, scored, target: Target, r: int) -> tuple[Plan, nn.Module, dict]:
+    def _choose(self, current: nn.Module, scored, target: Target, r: int) -> tuple[Plan, nn.Module, dict, bool]:
         """The round's plan and pruned model: a plan an earlier run finished, the plan of the
         settings' ranking, or with ``rank="auto"`` the candidate ("score", "cost") whose pruned
         and recalibrated model has the lower loss on the statistics data (never the held-out
-        data: that measures the result). Returns the candidates' losses for the step's record."""
+        data: that measures the result). Returns the choice's record for the step (kept with the
+        plan's stage, so a resumed run reports the same) and whether the model is recalibrated."""
         stage = f"plan{_suffix(r)}"
         plan = self.source.recall_plan(stage)
         if plan is not None:
-            return plan, self.space.apply(current, plan, scored), {}
+            choice = dict(plan.steps[0]) if plan.steps else {}
+            return dataclasses.replace(plan, steps=[]), self.space.apply(current, plan, scored), choice, False
         if self.settings.rank != "auto":
             plan = self.space.select(current, scored, target, r, self.settings)
             self.source.keep_plan(stage, plan)
-            return plan, self.space.apply(current, plan, scored), {}
+            return plan, self.space.apply(current, plan, scored), {}, False
         tried = {}
         for rank in AUTO_RANKS:
             plan = self.space.select(current, scored, target, r, dataclasses.replace(self.settings, rank=rank))
@@ -371,8 +377,9 @@ class _Run:
             tried[rank] = (self.source.fit_loss(model), plan, model)
         rank = min(tried, key=lambda k: tried[k][0])
         _, plan, model = tried[rank]
-        self.source.keep_plan(stage, plan)
-        return plan, model, {"rank": rank, "candidate_losses": {k: v[0] for k, v in tried.items()}}
+        choice = {"rank": rank, "candidate_losses": {k: v[0] for k, v in tried.items()}}
+        self.source.keep_plan(stage, dataclasses.replace(plan, steps=[choice]))
+        return plan, model, choice, True
 
     def _recalibrate(self, model: nn.Module, plan: Plan) -> None:
         if self.settings.recalibrate_batches:

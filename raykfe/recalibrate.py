@@ -66,7 +66,7 @@ def bn_sums(model: nn.Module, batches: Iterable, spec: dict | None = None, *, fi
     saved = {m: [t.clone() for t in m.buffers(recurse=False)] for m in layers.values()}  # train mode updates them
     handles = [m.register_forward_hook(hook(n)) for n, m in layers.items()]
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    seen = 0
+    seen = small = 0
     try:
         model.eval()
         for m in layers.values():
@@ -75,6 +75,9 @@ def bn_sums(model: nn.Module, batches: Iterable, spec: dict | None = None, *, fi
             if limit is not None and b >= limit:
                 break
             x = batch[0] if isinstance(batch, (list, tuple)) else batch
+            if x.shape[0] < 2:
+                small += 1  # a shard's last batch of one: a BatchNorm in train mode cannot normalise it
+                continue
             model(x.to(device))
             seen += 1
     finally:
@@ -86,6 +89,8 @@ def bn_sums(model: nn.Module, batches: Iterable, spec: dict | None = None, *, fi
             for t, old in zip(m.buffers(recurse=False), bufs):
                 t.copy_(old)
     if layers and not seen:
+        if small:
+            raise ConfigError("BatchNorm recalibration needs batches of at least 2 examples: raise stats.batch_size")
         raise ConfigError("no batch was given for BatchNorm recalibration: the data is empty")
     out: dict[str, torch.Tensor] = {}
     for n, (c, s, q) in sums.items():

@@ -164,6 +164,10 @@ def test_a_job_in_steps_resumes_from_its_finished_steps(tmp_path):
     assert job.metrics["reused_stages"][:4] == ["base", "statistics", "eigen", "plan"]
     again = run_job(load_config("jobs/digits.yaml", [*overrides, f"output.uri={tmp_path / 'b'}"]), log=lambda m: None)
     assert job.result.plan.layers == again.result.plan.layers and job.metrics["macs_reduction"] >= 0.6
+    # rank=auto's choice of step 1 is kept with its plan: the resumed run reports the same
+    choices = [{k: s.get(k) for k in ("rank", "candidate_losses")} for s in job.result.plan.steps]
+    assert choices == [{k: s.get(k) for k in ("rank", "candidate_losses")} for s in again.result.plan.steps]
+    assert all(c["rank"] in ("score", "cost") for c in choices)
 
 
 @pytest.mark.parametrize("method", ["kron-obs", "l1"])

@@ -110,6 +110,22 @@ def test_shard_sums_add_up_to_the_single_pass():
         torch.testing.assert_close(x, y, rtol=1e-10, atol=1e-12)
 
 
+def test_a_batch_of_one_is_left_out_not_fatal():
+    """A shard's last batch can hold one example; a BatchNorm in train mode cannot normalise one
+    value per channel (resnet's last stage is 1x1 on small inputs), so it is left out."""
+    torch.manual_seed(4)
+    model = build_model("resnet8", 10).to(DT).eval()
+    batches = _batches(n=2, size=4, seed=7)  # 1x1 in the last stage
+    one = (batches[0][0][:1], batches[0][1][:1])
+    want = _brute_force(model, batches)
+    recalibrate(model, [batches[0], one, batches[1]], n_batches=3)
+    for name, m in model.named_modules():
+        if isinstance(m, nn.BatchNorm2d):
+            torch.testing.assert_close(m.running_mean, want[name][0], rtol=1e-10, atol=1e-12)
+    with pytest.raises(ConfigError, match="at least 2 examples"):
+        recalibrate(model, [one], n_batches=1)
+
+
 def test_errors():
     model = build_model("vgg_tiny", 10)
     with pytest.raises(ConfigError, match="recalibrate_batches=0"):
