@@ -12,7 +12,7 @@ A job file has the sections below (every key optional, defaults shown by ``raykf
     stats:    {fisher, conv_mode, batch_size, max_batches, max_factor_dim}
     prune:    {method, target, max_layer_ratio, include_classifier, exclude, tolerance, freeze_rotations,
                rounds, round_epochs, damping, steps, recalibrate_batches, recalibrate_on, rank, normalize,
-               hybrid, ekfac}
+               hybrid, ekfac, forms}
     sparsity: {epochs, lr, ..., bn_l1}  # network slimming's sparsity training (prune.method=slimming)
     finetune: {epochs, lr, momentum, weight_decay, milestones, batch_size, bn_l1}
     output:   {uri, overwrite}
@@ -169,6 +169,7 @@ class PruneConfig:
     normalize: str | None = None  # "mean": scores / their layer's mean before the global ranking; null: the method's
     hybrid: bool = True  # KFE methods remove channels of the groups coupled to depthwise / grouped convs
     ekfac: bool = False  # KFE scores from the measured second moments in the eigenbasis (EKFAC)
+    forms: str = "cheapest"  # pruned KFE layers in their cheapest exact form, or "three" layers
 
     def validate(self, p: str) -> None:
         from .methods import METHODS
@@ -198,6 +199,8 @@ class PruneConfig:
         _check(self.recalibrate_batches >= 0, f"{p}.recalibrate_batches", self.recalibrate_batches,
                "use 0 (off) or a number of batches, e.g. 10")
         _check(self.recalibrate_on in ("driver", "workers"), f"{p}.recalibrate_on", self.recalibrate_on, "use driver or workers")
+        _check(self.forms in ("cheapest", "three"), f"{p}.forms", self.forms,
+               "use cheapest (each pruned layer's cheapest exact form) or three (three layers)")
         _check(self.rank in (None, "cost", "score", "auto"), f"{p}.rank", self.rank, "use cost, score or auto, or null")
         _check(self.normalize in (None, "none", "mean"), f"{p}.normalize", self.normalize, "use none or mean, or null")
 

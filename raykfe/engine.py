@@ -266,10 +266,11 @@ def check_counts(model: nn.Module, plan: Plan, example: torch.Tensor, what: str 
 def plan_from_scores(model: nn.Module, example: torch.Tensor, scored: Mapping[str, LayerScores], metas: Mapping[str, dict],
                      target: "str | Target", skipped: Mapping[str, str], *, method: str,
                      settings: PruneSettings | None = None, rounds: int = 1,
-                     caps: Mapping[str, tuple[int, int]] | None = None, channels=None) -> Plan:
+                     caps: Mapping[str, tuple[int, int]] | None = None, channels=None, last: bool = True) -> Plan:
     """The KFE plan of already-scored layers for ``target``: the global selection
     (:func:`raykfe.plan.select`) with the model's exact counts; ``channels`` adds the channel
-    units of a hybrid plan to it (``(graph, {group: scores}, caps)``). Nothing is measured here, so
+    units of a hybrid plan to it (``(graph, {group: scores}, caps)``). Layers take their cheapest
+    form only in the ``last`` step / round (an earlier one's cores are pruned again). Nothing is measured here, so
     ``rank="auto"`` (a choice by measured loss, :meth:`_Run._choose`) ranks by the first of
     :data:`AUTO_RANKS`."""
     s = (settings or PruneSettings()).for_method(get_method(method))
@@ -280,7 +281,7 @@ def plan_from_scores(model: nn.Module, example: torch.Tensor, scored: Mapping[st
         {n: (sc.rows, sc.cols) for n, sc in scored.items()}, dict(metas), target, base_params=base.params,
         base_macs=base.macs, max_layer_ratio=s.layer_ratio(rounds), tolerance=s.tolerance,
         entry_scores={n: sc.entries.numpy() for n, sc in scored.items()}, rank=s.rank, normalize=s.normalize,
-        caps=dict(caps) if caps else None, channels=channels,
+        caps=dict(caps) if caps else None, channels=channels, forms=s.forms if last else "three",
     )
     extra = {"removed": summary["removed"], "input_shape": list(example.shape[1:])} if summary["removed"] else {}
     return _plan(get_method(method), parse_target(target), s, base, summary, layers=layers, skipped=dict(skipped),
@@ -487,7 +488,8 @@ class _KfeSpace:
                 {g.name: (g.size,) for g in self.graph.groups}).items()}
             channels = (scored.graph, scored.channel_scores, chan_caps)
         return plan_from_scores(current, run.example, scored.scores, metas, target, self.skipped, method=run.method.name,
-                                settings=settings, rounds=run.rounds if run.iterative else 1, caps=caps, channels=channels)
+                                settings=settings, rounds=run.rounds if run.iterative else 1, caps=caps, channels=channels,
+                                last=r == run.rounds)
 
     def accept(self, plan: Plan, scored: _KfeScored) -> None:
         """Keep the predicted loss of the channels a chosen round plan removes (hybrid groups)."""

@@ -147,10 +147,9 @@ def lr_factor(settings: TrainSettings, progress: float) -> float:
 def _param_groups(model: nn.Module, settings: TrainSettings) -> list[dict]:
     """SGD parameter groups: the rotations of pruned KFE layers at ``rotation_lr`` x the rate, the
     rest at the rate (one group when they are equal)."""
-    from .surgery import KFEConv2d, KFELinear
+    from .surgery import rotations as rotations_of
 
-    rotations = {id(p) for m in model.modules() if isinstance(m, (KFELinear, KFEConv2d))
-                 for sub in (m.rot_in, m.rot_out) for p in sub.parameters()}
+    rotations = {id(p) for m in model.modules() for sub in rotations_of(m) for p in sub.parameters()}
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ConfigError("the model has no trainable parameters: unfreeze some before training")

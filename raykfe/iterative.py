@@ -34,7 +34,7 @@ from torch import nn
 
 from .layers import make_adapter
 from .plan import LayerPlan, Plan, Target, parse_target
-from .surgery import KFEConv2d, KFELinear, fill_kfe, freeze_rotations, make_kfe_shell, set_module
+from .surgery import KFEConv2d, KFELinear, compose_after, fill_kfe, freeze_rotations, make_kfe_shell, set_module, to_form
 
 __all__ = ["round_layer_names", "round_metas", "round_target", "merge_round", "compose_plan"]
 
@@ -81,48 +81,6 @@ def round_target(final: "str | Target", base: float, current: float, r: int, rou
     return Target(tgt.kind, min(max(frac, 1e-6), 1.0 - 1e-6))
 
 
-@torch.no_grad()
-def _compose_in(outer: nn.Module, inner: nn.Module) -> nn.Module:
-    """``x -> inner(outer(x))`` as one module shaped like ``outer``; ``inner`` is 1x1 / Linear."""
-    wi = inner.weight.reshape(inner.weight.shape[0], -1).to(torch.float64)  # [r_new, r_prev]
-    wo = outer.weight.to(torch.float64)
-    new = copy.deepcopy(outer)
-    w = torch.einsum("nr,r...->n...", wi, wo)
-    bias = None
-    if outer.bias is not None:
-        bias = wi @ outer.bias.to(torch.float64)
-    if inner.bias is not None:
-        bias = inner.bias.to(torch.float64) if bias is None else bias + inner.bias.to(torch.float64)
-    if isinstance(new, nn.Linear):
-        new.out_features = w.shape[0]
-    else:
-        new.out_channels = w.shape[0]
-    new.weight = nn.Parameter(w.to(outer.weight.dtype))
-    new.bias = nn.Parameter(bias.to(outer.weight.dtype)) if bias is not None else None
-    return new
-
-
-@torch.no_grad()
-def _compose_out(outer: nn.Module, inner: nn.Module) -> nn.Module:
-    """``y -> outer(inner(y))`` as one module shaped like ``outer``; both are 1x1 / Linear."""
-    wo = outer.weight.reshape(outer.weight.shape[0], -1).to(torch.float64)  # [c_out, r_prev]
-    wi = inner.weight.reshape(inner.weight.shape[0], -1).to(torch.float64)  # [r_prev, r_new]
-    new = copy.deepcopy(outer)
-    w = wo @ wi
-    bias = outer.bias.to(torch.float64) if outer.bias is not None else None
-    if inner.bias is not None:
-        extra = wo @ inner.bias.to(torch.float64)
-        bias = extra if bias is None else bias + extra
-    if isinstance(new, nn.Linear):
-        new.in_features = w.shape[1]
-    else:
-        new.in_channels = w.shape[1]
-        w = w.reshape(*w.shape, 1, 1)
-    new.weight = nn.Parameter(w.to(outer.weight.dtype))
-    new.bias = nn.Parameter(bias.to(outer.weight.dtype)) if bias is not None else None
-    return new
-
-
 def merge_round(
     model: nn.Module,
     plan: Plan,
@@ -142,17 +100,20 @@ def merge_round(
         if not isinstance(module, _KFE):
             shell = make_kfe_shell(module, lp)
             fill_kfe(shell, module, lp, qa, qs, wk)
-            set_module(new, name, shell)
+            set_module(new, name, to_form(shell, lp.form))
             continue
+        if not (hasattr(module, "rot_in") and hasattr(module, "rot_out")):
+            raise ValueError(f"{name} is folded ({', '.join(dict(module.named_children()))}): only a three-layer form prunes again")
         core = module.core
         adapter = make_adapter(f"{name}.core", core, conv_mode)
         core_lp = dataclasses.replace(lp, fold_bias=adapter.fold_bias, has_bias=adapter.has_bias, d_in=adapter.d_in, d_out=adapter.d_out)
         inner = make_kfe_shell(core, core_lp)
         fill_kfe(inner, core, core_lp, qa, qs, wk)
         merged = type(module)(
-            OrderedDict(rot_in=_compose_in(module.rot_in, inner.rot_in), core=inner.core, rot_out=_compose_out(module.rot_out, inner.rot_out))
+            OrderedDict(rot_in=compose_after(module.rot_in, inner.rot_in), core=inner.core,
+                        rot_out=compose_after(inner.rot_out, module.rot_out))
         )
-        set_module(new, name, merged)
+        set_module(new, name, to_form(merged, lp.form))
     freeze_rotations(new, freeze)
     return new
 

@@ -45,9 +45,12 @@ __all__ = [
     "RANKS",
     "NORMALIZERS",
     "PLAN_FORMAT",
+    "FORMS",
+    "FORM_CHOICES",
+    "allowed_forms",
 ]
 
-PLAN_FORMAT = 2
+PLAN_FORMAT = 3  # 3: LayerPlan.form (format 2 plans are all three-layer)
 TARGET_KINDS = ("params", "flops", "directions")
 
 
@@ -95,24 +98,66 @@ def dense_cost(meta: dict) -> tuple[int, int]:
     return params, t * c_out * c_in * k2
 
 
-def kfe_cost(meta: dict, r_in: int, r_out: int) -> tuple[int, int]:
-    """(params, MACs per example) of the three-layer form keeping r_in input / r_out output dirs.
+FORMS = ("three", "fold_out", "fold_in")
+#: ``prune.forms``: choose each layer's cheapest exact form, or keep every layer in three layers
+FORM_CHOICES = ("cheapest", "three")
+
+
+def allowed_forms(meta: dict) -> tuple[str, ...]:
+    """The exact forms of a pruned layer (ALGORITHMS.md section 11, :mod:`raykfe.surgery`): always
+    three layers and the output rotation folded into the core; the input rotation folded into the
+    core too, except for a patch-mode conv whose bias is folded into the input rotation (zero
+    padding of ``P_in x + b`` is not a padding of the folded conv: not exact at the borders)."""
+    if meta["kind"] != "linear" and meta["mode"] == "patch" and meta["fold_bias"]:
+        return FORMS[:2]
+    return FORMS
+
+
+def kfe_cost(meta: dict, r_in: int, r_out: int, form: str = "three") -> tuple[int, int]:
+    """(params, MACs per example) of ``form`` keeping r_in input / r_out output directions:
+
+    * ``three``: rotation in, core, rotation out;
+    * ``fold_out``: rotation in, then the core with the output rotation folded in (r_in -> c_out;
+      does not depend on r_out);
+    * ``fold_in``: the core with the input rotation folded in (c_in -> r_out), then rotation out
+      (does not depend on r_in).
 
     ``meta["c_out"]`` (when present) is the layer's real output width; ``d_out`` then counts the
     output directions of an already rebuilt core (iterative rounds)."""
     c_in, c_out, k2, t = meta["c_in"], meta.get("c_out", meta["d_out"]), meta["k2"], meta["positions"]
     fold, bias = meta["fold_bias"], meta["has_bias"]
-    extra = (r_in if fold else 0) + (c_out if bias and not fold else 0)
+    out_bias = c_out if bias and not fold else 0
+    if form == "fold_out":
+        r_out = c_out  # the folded core's output is the layer's
+    if form == "fold_in":
+        r_in = c_in  # the folded core reads the layer's input
+    extra = (r_in if fold and form != "fold_in" else 0) + (r_out if fold and form == "fold_in" else 0) + out_bias
+    a, b, c = _factor_sizes(meta, c_in, c_out, k2, r_in, r_out, form)
+    pixels = int(np.prod(meta["in_shape"][1:])) if meta["kind"] != "linear" and meta["mode"] == "patch" else t
+    if meta["kind"] == "linear" or meta["mode"] == "full":
+        return a + b + c + extra, t * (a + b + c)
+    # patch mode: a 1x1 input rotation runs at the input's resolution, the rest at the output's
+    first = pixels * a if form != "fold_in" else t * a
+    return a + b + c + extra, first + t * (b + c)
+
+
+def _factor_sizes(meta: dict, c_in: int, c_out: int, k2: int, r_in: int, r_out: int, form: str) -> tuple[int, int, int]:
+    """The weight counts of (input rotation, core, output rotation) of ``form``; a folded factor is
+    0 and its neighbour has the layer's width on that side (``r_out = c_out`` for ``fold_out``,
+    ``r_in = c_in`` for ``fold_in``, set by the caller)."""
+    if form not in FORMS:
+        raise ConfigError(f"layer form {form!r} is not known: use one of {', '.join(FORMS)}")
     if meta["kind"] == "linear":
-        per = c_in * r_in + r_in * r_out + r_out * c_out
-        return per + extra, t * per
-    if meta["mode"] == "patch":  # 1x1 at input resolution, k x k core, 1x1 out
-        pixels = int(np.prod(meta["in_shape"][1:]))
-        params = c_in * r_in + r_in * r_out * k2 + r_out * c_out + extra
-        return params, pixels * c_in * r_in + t * (r_in * r_out * k2 + r_out * c_out)
-    # full mode: k x k rotation, 1x1 core, 1x1 out
-    params = c_in * k2 * r_in + r_in * r_out + r_out * c_out + extra
-    return params, t * (c_in * k2 * r_in + r_in * r_out + r_out * c_out)
+        rot_in, core, rot_out = c_in * r_in, r_in * r_out, r_out * c_out
+    elif meta["mode"] == "patch":  # 1x1 in, k x k core, 1x1 out
+        rot_in, core, rot_out = c_in * r_in, r_in * r_out * k2, r_out * c_out
+    else:  # full mode: k x k rotation in, 1x1 core, 1x1 out
+        rot_in, core, rot_out = c_in * k2 * r_in, r_in * r_out, r_out * c_out
+    if form == "fold_out":
+        return rot_in, core, 0
+    if form == "fold_in":
+        return 0, (c_in * k2 * r_out if meta["kind"] != "linear" else c_in * r_out), rot_out
+    return rot_in, core, rot_out
 
 
 # --------------------------------------------------------------------------------------------
@@ -125,7 +170,7 @@ class LayerPlan:
     """What happens to one prunable layer. ``keep_out``/``keep_in`` index the columns of Q_S / Q_A."""
 
     name: str
-    action: str  # "kfe" (three layers) or "dense" (left as it is)
+    action: str  # "kfe" (rebuilt in ``form``) or "dense" (left as it is)
     kind: str
     mode: str
     fold_bias: bool
@@ -140,6 +185,7 @@ class LayerPlan:
     dense_macs: int = 0
     predicted_dloss: float = 0.0
     reason: str = ""
+    form: str = "three"  # FORMS: how the kept directions are built (plan.kfe_cost, surgery.to_form)
 
     @property
     def r_in(self) -> int:
@@ -392,6 +438,7 @@ def select(
     normalize: str = "none",
     caps: dict[str, tuple[int, int]] | None = None,
     channels=None,
+    forms: str = "three",
 ) -> tuple[dict[str, LayerPlan], dict]:
     """Choose the units to remove for ``target``. (Long: the docstring is the selection's contract;
     the body is one ranking and one bisection.)
@@ -407,6 +454,9 @@ def select(
     :class:`raykfe.channels.ChannelGraph` to the same ranking (a hybrid plan: layers the KFE
     methods cannot rebuild lose channels with everything coupled to them); no scored KFE layer
     may be a member of those groups, so the two kinds of unit never change each other's cost.
+    ``forms="cheapest"`` counts every layer in its cheapest exact form (:func:`allowed_forms`,
+    :func:`kfe_cost`) and records it; a folded side keeps all of its directions (they cost nothing
+    there), so the bisection's units on that side are not really removed.
     Returns the layer plans and a summary ``{target, achieved, within_tolerance, units_removed,
     units_total, params, macs, removed}`` (``removed``: the channel units, by group).
     """
@@ -420,7 +470,8 @@ def select(
     graph = channels[0] if channels is not None and tgt.kind != "directions" else None
     if graph is not None:
         units = units.merged(graph.eligible_units(channels[1], metric, max_layer_ratio, channels[2], rank, normalize))
-    ev = _Evaluator(metas, names, units, graph, np.array([base_params, base_macs], dtype=np.int64), metric)
+    forms = "three" if tgt.kind == "directions" else forms  # the paper's ratio counts directions, not cost
+    ev = _Evaluator(metas, names, units, graph, np.array([base_params, base_macs], dtype=np.int64), metric, forms)
 
     def reduction(k: int) -> float:
         """Monotone non-decreasing in k: more removed units never make a layer larger."""
@@ -453,18 +504,27 @@ class _Evaluator:
     layer in its cheaper form (three layers or dense, by the target's metric), the channel groups
     of a hybrid plan through the graph's cost model (the two never change each other's cost)."""
 
-    def __init__(self, metas, names, units: _Units, graph, base: np.ndarray, metric: int) -> None:
+    def __init__(self, metas, names, units: _Units, graph, base: np.ndarray, metric: int, forms: str = "three") -> None:
         self.metas, self.names, self.units, self.graph, self.base, self.metric = metas, names, units, graph, base, metric
+        if forms not in FORM_CHOICES:
+            raise ConfigError(f"prune.forms={forms!r} is not known: use 'cheapest' (each layer's cheapest exact form) or 'three'")
+        self.forms = forms
         self.dense = {n: dense_cost(metas[n]) for n in names}
         self.dense_total = np.array([sum(self.dense[n][i] for n in names) for i in range(2)], dtype=np.int64)
 
     def layer_choice(self, name: str, r_in: int, r_out: int) -> tuple[str, tuple[int, int]]:
-        kfe = kfe_cost(self.metas[name], r_in, r_out)
-        return ("kfe", kfe) if kfe[self.metric] < self.dense[name][self.metric] else ("dense", self.dense[name])
+        """``("dense", cost)`` or ``(form, cost)``: the cheapest form in the target's metric (ties:
+        fewer layers, then parameters), when it is cheaper than the dense layer."""
+        m = self.metas[name]
+        forms = allowed_forms(m) if self.forms == "cheapest" else ("three",)
+        costs = {f: kfe_cost(m, r_in, r_out, f) for f in forms}
+        form = min(forms, key=lambda f: (costs[f][self.metric], f == "three", costs[f][1 - self.metric]))
+        return (form, costs[form]) if costs[form][self.metric] < self.dense[name][self.metric] else ("dense", self.dense[name])
 
     def outcome(self, k: int) -> tuple[np.ndarray, int]:
         """(params, MACs) of the whole model and the units really removed (a layer left dense
-        keeps all of its own directions)."""
+        keeps all of its own directions; a folded form keeps every direction on its folded side,
+        which costs nothing there)."""
         lay, ax = self.units.layer[:k], self.units.axis[:k]
         c = np.zeros((len(self.names), 2), dtype=np.int64)
         np.add.at(c, (lay[ax < 2], ax[ax < 2]), 1)
@@ -475,9 +535,9 @@ class _Evaluator:
         tot = tot - self.dense_total
         for li, name in enumerate(self.names):
             m = self.metas[name]
-            action, cost = self.layer_choice(name, m["d_in"] - c[li, 1], m["d_out"] - c[li, 0])
+            form, cost = self.layer_choice(name, m["d_in"] - c[li, 1], m["d_out"] - c[li, 0])
             tot = tot + np.array(cost, dtype=np.int64)
-            gone += int(c[li].sum()) if action == "kfe" else 0
+            gone += int(c[li, 1] * (form != "fold_in") + c[li, 0] * (form != "fold_out")) if form != "dense" else 0
         return tot, gone
 
 
@@ -502,11 +562,15 @@ def _layer_plan(name: str, m: dict, removed: tuple[list, list], layer_choice, de
     rows_out, cols_out = set(removed[0]), set(removed[1])
     keep_out = [i for i in range(m["d_out"]) if i not in rows_out]
     keep_in = [j for j in range(m["d_in"]) if j not in cols_out]
-    action, cost = layer_choice(name, len(keep_in), len(keep_out))
+    form, cost = layer_choice(name, len(keep_in), len(keep_out))
     reason, dl = "", 0.0
-    if action == "dense":
+    if form == "fold_out":  # the output rotation is folded: every output direction is kept
+        keep_out, rows_out = list(range(m["d_out"])), set()
+    if form == "fold_in":
+        keep_in, cols_out = list(range(m["d_in"])), set()
+    if form == "dense":
         keep_out, keep_in = list(range(m["d_out"])), list(range(m["d_in"]))
-        reason = "nothing removed" if not (rows_out or cols_out) else "three-layer form not smaller"
+        reason = "nothing removed" if not (rows_out or cols_out) else "no pruned form smaller"
     elif entries is not None:
         gone = np.zeros(entries.shape, dtype=bool)
         gone[sorted(rows_out), :] = True
@@ -515,7 +579,7 @@ def _layer_plan(name: str, m: dict, removed: tuple[list, list], layer_choice, de
     else:  # upper bound: overlaps of removed rows and columns counted twice
         dl = float(np.asarray(scores[0])[sorted(rows_out)].sum() + np.asarray(scores[1])[sorted(cols_out)].sum())
     return LayerPlan(
-        name=name, action=action, kind=m["kind"], mode=m["mode"], fold_bias=m["fold_bias"], has_bias=m["has_bias"],
+        name=name, action="dense" if form == "dense" else "kfe", form="three" if form == "dense" else form, kind=m["kind"], mode=m["mode"], fold_bias=m["fold_bias"], has_bias=m["has_bias"],
         d_in=m["d_in"], d_out=m["d_out"], keep_in=keep_in, keep_out=keep_out, params=int(cost[0]), macs=int(cost[1]),
         dense_params=int(dense[0]), dense_macs=int(dense[1]), predicted_dloss=dl, reason=reason,
     )

@@ -34,7 +34,8 @@ def plan_report(plan) -> list[dict]:
         rows.append(_row(
             name, lp.action, f"{lp.r_in}/{lp.d_in}" if kfe else "-", f"{lp.r_out}/{lp.d_out}" if kfe else "-", lp.params,
             lp.dense_params, lp.macs, lp.dense_macs, lp.predicted_dloss,
-            1.0 - (lp.r_in + lp.r_out) / (lp.d_in + lp.d_out) if kfe else 0.0, lp.reason,
+            1.0 - (lp.r_in + lp.r_out) / (lp.d_in + lp.d_out) if kfe else 0.0,
+            "; ".join(x for x in (lp.reason, f"form {lp.form}" if kfe and lp.form != "three" else "") if x),
         ))
     for name, c in plan.channels.items():
         rows.append(_row(name, "channels" if c.kept < c.total else "kept", "-", f"{c.kept}/{c.total}", c.params,

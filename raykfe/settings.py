@@ -60,6 +60,10 @@ class PruneSettings:
       convs, which have no KFE form (:mod:`raykfe.hybrid`), in the same ranking;
     * ``ekfac``: the KFE scores use the measured second moments of the per-example gradients in
       the eigenbasis instead of ``l_S l_A`` (:mod:`raykfe.ekfac`; a second statistics pass);
+    * ``forms``: ``"cheapest"`` builds each pruned KFE layer in its cheapest exact form in the
+      target's metric (three layers, or a rotation folded into the core: ALGORITHMS.md s. 11), and
+      the selection counts that form; ``"three"`` keeps every pruned layer in three layers (earlier
+      steps and rounds always do: the next one prunes their cores);
     * ``progress``: progress bars on the statistics passes.
     """
 
@@ -82,6 +86,7 @@ class PruneSettings:
     normalize: str | None = None
     hybrid: bool = True
     ekfac: bool = False
+    forms: str = "cheapest"
     progress: bool = False
 
     def __post_init__(self) -> None:
@@ -104,6 +109,7 @@ class PruneSettings:
             ("rank", self.rank in (None, "cost", "score", "auto"),
              "use 'cost' (loss per MAC / parameter saved), 'score', or 'auto' (the one whose pruned model fits better)"),
             ("normalize", self.normalize in (None, "none", "mean"), "use 'none' or 'mean'"),
+            ("forms", self.forms in ("cheapest", "three"), "use 'cheapest' (each layer's cheapest exact form) or 'three'"),
         ]
         for key, ok, fix in checks:
             if not ok:
@@ -143,6 +149,6 @@ class PruneSettings:
             freeze_rotations=p.freeze_rotations, seed=cfg.seed, max_batches=s.max_batches,
             max_factor_dim=s.max_factor_dim, damping=p.damping, rounds=p.rounds, round_epochs=p.round_epochs,
             steps=p.steps, recalibrate_batches=p.recalibrate_batches, rank=p.rank, normalize=p.normalize, hybrid=p.hybrid,
-            ekfac=p.ekfac,
+            ekfac=p.ekfac, forms=p.forms,
             progress=cfg.progress,
         )

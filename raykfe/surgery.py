@@ -17,6 +17,18 @@ rebuilt layer is exact at the borders too. (ALGORITHMS.md suggests the last laye
 only without padding, so raykfe puts it first.) An unfolded bias stays a plain bias on ``rot_out``.
 
 The output width is unchanged, so BatchNorm, residual additions and following layers are untouched.
+
+Forms (ALGORITHMS.md section 11; chosen by :func:`raykfe.plan.select`, recorded as
+``LayerPlan.form``): :func:`to_form` folds the three layers, exactly up to rounding, into
+
+* ``fold_out``: ``rot_in`` -> ``core`` with ``rot_out`` folded in (the core's geometry, c_out
+  outputs, ``rot_out``'s bias);
+* ``fold_in``: ``core`` with ``rot_in`` folded in (the geometry of whichever of the two has the
+  kernel, c_in inputs) -> ``rot_out``. A patch-mode ``rot_in`` with a folded bias is never folded
+  into a k x k core (zero padding of ``P_in x + b`` is not a padding of the folded conv).
+
+A folded module keeps the names of what is left (``rot_in``/``core`` or ``core``/``rot_out``), so
+its checkpoint loads into the same shape built from the plan.
 """
 
 from __future__ import annotations
@@ -30,7 +42,8 @@ from torch import nn
 
 from .plan import LayerPlan, Plan
 
-__all__ = ["KFELinear", "KFEConv2d", "make_kfe_shell", "fill_kfe", "apply_plan", "rebuild", "set_module", "freeze_rotations"]
+__all__ = ["KFELinear", "KFEConv2d", "make_kfe_shell", "fill_kfe", "apply_plan", "rebuild", "set_module", "freeze_rotations",
+           "to_form", "compose_after", "rotations"]
 
 
 class KFELinear(nn.Sequential):
@@ -105,13 +118,65 @@ def fill_kfe(shell: nn.Sequential, module: nn.Module, lp: LayerPlan, QA: torch.T
         rot_out.bias.copy_(module.bias.detach())
 
 
+@torch.no_grad()
+def compose_after(first: nn.Module, second: nn.Module) -> nn.Module:
+    """``x -> second(first(x))`` as one module with ``first``'s geometry; ``second`` is a 1x1 conv
+    or a Linear (float64 arithmetic, cast back to ``first``'s dtype)."""
+    ws = second.weight.reshape(second.weight.shape[0], -1).to(torch.float64)  # [out, mid]
+    w = torch.einsum("nr,r...->n...", ws, first.weight.to(torch.float64))
+    bias = ws @ first.bias.to(torch.float64) if first.bias is not None else None
+    if second.bias is not None:
+        bias = second.bias.to(torch.float64) if bias is None else bias + second.bias.to(torch.float64)
+    new = copy.deepcopy(first)
+    if isinstance(new, nn.Linear):
+        new.out_features = w.shape[0]
+    else:
+        new.out_channels = w.shape[0]
+    new.weight = nn.Parameter(w.to(first.weight.dtype))
+    new.bias = nn.Parameter(bias.to(first.weight.dtype)) if bias is not None else None
+    return new
+
+
+@torch.no_grad()
+def _compose_before(first: nn.Module, second: nn.Module) -> nn.Module:
+    """``x -> second(first(x))`` as one module with ``second``'s geometry; ``first`` is a 1x1 conv
+    without bias (a Linear or a biased one go through :func:`compose_after`)."""
+    assert first.bias is None, "a biased 1x1 before a k x k conv does not fold exactly"
+    wf = first.weight.reshape(first.weight.shape[0], -1).to(torch.float64)  # [mid, in]
+    w = torch.einsum("om...,mc->oc...", second.weight.to(torch.float64), wf)
+    new = copy.deepcopy(second)
+    new.in_channels = w.shape[1]
+    new.weight = nn.Parameter(w.to(second.weight.dtype))
+    return new
+
+
+def to_form(shell: nn.Sequential, form: str) -> nn.Sequential:
+    """The three-layer ``shell`` in ``form`` (module docstring): the same function, fewer layers."""
+    if form == "three":
+        return shell
+    cls = type(shell)
+    if form == "fold_out":
+        return cls(OrderedDict(rot_in=shell.rot_in, core=compose_after(shell.core, shell.rot_out)))
+    if form != "fold_in":
+        raise ValueError(f"unknown layer form {form!r}")
+    patch = isinstance(shell.core, nn.Conv2d) and tuple(shell.rot_in.kernel_size) == (1, 1) and shell.rot_in.stride == (1, 1) \
+        and shell.rot_in.padding in ((0, 0), "valid") and shell.rot_in.bias is None  # the core holds the geometry
+    core = _compose_before(shell.rot_in, shell.core) if patch else compose_after(shell.rot_in, shell.core)
+    return cls(OrderedDict(core=core, rot_out=shell.rot_out))
+
+
+def rotations(module: nn.Module) -> list[nn.Module]:
+    """The rotation layers a KFE layer still has (none once both are folded into its core)."""
+    return [getattr(module, n) for n in ("rot_in", "rot_out") if hasattr(module, n)] \
+        if isinstance(module, (KFELinear, KFEConv2d)) else []
+
+
 def freeze_rotations(model: nn.Module, freeze: bool = True) -> None:
     """Make the rotations of every KFE layer (non-)trainable; cores always train."""
     for m in model.modules():
-        if isinstance(m, (KFELinear, KFEConv2d)):
-            for sub in (m.rot_in, m.rot_out):
-                for p in sub.parameters():
-                    p.requires_grad_(not freeze)
+        for sub in rotations(m):
+            for p in sub.parameters():
+                p.requires_grad_(not freeze)
 
 
 def apply_plan(
@@ -119,7 +184,7 @@ def apply_plan(
     plan: Plan,
     weights: Mapping[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None,
 ) -> nn.Module:
-    """A NEW model with every ``kfe`` layer of ``plan`` replaced by its three-layer form.
+    """A NEW model with every ``kfe`` layer of ``plan`` replaced by its form (``lp.form``).
 
     ``weights[name] = (Q_A, Q_S, W')`` fills the new layers; without it (loading a checkpoint) the
     shells are left for ``load_state_dict``. ``model`` itself is not modified.
@@ -133,7 +198,7 @@ def apply_plan(
         if weights is not None:
             qa, qs, wk = weights[name]
             fill_kfe(shell, old, lp, qa, qs, wk)
-        set_module(new, name, shell)
+        set_module(new, name, to_form(shell, lp.form))
     freeze_rotations(new, plan.freeze_rotations)
     return new
 

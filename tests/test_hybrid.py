@@ -85,11 +85,11 @@ def test_hybrid_reaches_what_the_kfe_layers_alone_cannot():
     a channel method reaches; with them it meets it, in one step or several."""
     model, batches = mixed_net(), _batches()
     with pytest.raises(raykfe.ConfigError, match="unreachable"):
-        raykfe.prune(model, batches, target="flops:0.9", hybrid=False)
-    raykfe.prune(model, batches, method="l1", target="flops:0.9")  # a channel method reaches it
+        raykfe.prune(model, batches, target="flops:0.92", hybrid=False)
+    raykfe.prune(model, batches, method="l1", target="flops:0.92")  # a channel method reaches it
     for steps in (1, 2):
-        res = raykfe.prune(model, batches, target="flops:0.9", steps=steps)
+        res = raykfe.prune(model, batches, target="flops:0.92", steps=steps)
         x = batches[0][0][:1]
-        assert 1 - raykfe.count(res.model, x).macs / raykfe.count(model, x).macs >= 0.9
+        assert 1 - raykfe.count(res.model, x).macs / raykfe.count(model, x).macs >= 0.92
         c = raykfe.count(res.model, x)
         assert res.plan.removed and (res.plan.params, res.plan.macs) == (c.params, c.macs)

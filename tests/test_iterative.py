@@ -40,7 +40,7 @@ def _round(model, adapters, skipped, metas, batches, example, target, mode, rati
     scored = {n: score_in_basis(t, found[t].weight_matrix(), eigenbasis(t, stats[t])) for n, t in names.items()}
     rmetas = round_metas(model, metas, {t: stats[t].meta for t in names.values()}, names)
     plan = plan_from_scores(model, example, scored, rmetas, target, skipped, method="eigendamage-iterative",
-                            settings=PruneSettings(max_layer_ratio=ratio, tolerance=0.02))
+                            settings=PruneSettings(max_layer_ratio=ratio, tolerance=0.02, forms="three"))
     return plan, {n: (s.basis.QA, s.basis.QS, s.w_kfe) for n, s in scored.items()}, names
 
 
