@@ -120,7 +120,9 @@ def memory(args) -> None:
 
 def _prune_row(arch: str, model, batches, example, method: str, repeats: int):
     t0 = time.perf_counter()
-    res = raykfe.prune(model, batches, method=method, target="flops:0.5", example_input=example)
+    name, _, opts = method.partition(":")  # e.g. "eigendamage:forms=three;rank=score"
+    kw = dict(kv.split("=", 1) for kv in opts.split(";") if kv)
+    res = raykfe.prune(model, batches, method=name, target="flops:0.5", example_input=example, **kw)
     secs = time.perf_counter() - t0
     base, pruned = count(model, example), count(res.model, example)
     prof = latency_profile({"base": model, "pruned": res.model}, example, batches=(1, 32), repeats=repeats, threads=torch.get_num_threads())
@@ -158,7 +160,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--stat-batches", type=int, default=2)
     ap.add_argument("--archs", default="resnet50,vgg19_bn")
-    ap.add_argument("--methods", default="eigendamage,c-obd")
+    ap.add_argument("--methods", default="eigendamage,c-obd", help="comma-separated; a method may carry settings, "
+                    "eigendamage:forms=three (';' between settings: eigendamage:forms=three;rank=score)")
     args = ap.parse_args()
     if args.section == "_child":
         _child(args.kind, args.batch)

@@ -10,7 +10,8 @@ Layout under the output URI::
 A result is visible only through its manifest, so a write that dies before the manifest leaves
 nothing loadable; a file whose hash does not match is reported as corrupt. Loading never unpickles:
 it builds the architecture from the model spec (:func:`raykfe.models.build_model`) or from a model
-the caller passes, replaces the pruned layers by their three-layer shells, and loads the weights.
+the caller passes, replaces the pruned layers by their shells in the plan's forms (three layers or
+folded), and loads the weights.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@
   ``in_elements * out_channels/groups * prod(kernel)``, linear ``out_elements * in_features``. Biases,
   norms, activations and pooling are not counted (the usual convention of pruning papers).
 
-The three-layer KFE forms are ordinary Conv2d/Linear modules, so they are counted like any other;
+The KFE forms (three layers or folded) are ordinary Conv2d/Linear modules, so they are counted like any other;
 :func:`raykfe.plan.kfe_cost` predicts the same numbers analytically (a test checks the two agree).
 """
 

@@ -14,8 +14,10 @@ the eligible units of all layers are sorted by score and the k lowest are remove
 smallest count whose reduction meets the target, found by bisection with EXACT counts of the
 rebuilt model for params/flops (:func:`kfe_cost`, equal to what :func:`raykfe.counting.count`
 measures on it), so the achieved reduction is the smallest one at or above the target: a target is
-never undershot, and the tolerance only flags how far above it the granularity forced the plan. A layer whose three-layer form would be larger (in the target's metric: MACs for
-``flops``, parameters otherwise) than its dense form stays dense with nothing removed.
+never undershot, and the tolerance only flags how far above it the granularity forced the plan.
+With ``forms="cheapest"`` each layer is counted in its cheapest exact form (:func:`kfe_cost`,
+:func:`allowed_forms`); a layer whose chosen form would not be smaller (in the target's metric:
+MACs for ``flops``, parameters otherwise) than its dense form stays dense with nothing removed.
 """
 
 from __future__ import annotations
@@ -377,7 +379,8 @@ def normalized(scores: np.ndarray, normalize: str) -> np.ndarray:
 def unit_costs(meta: dict, metric: int) -> tuple[int, int]:
     """What one output direction (row) and one input direction (column) of a layer save of
     ``metric`` (0 params, 1 MACs) at the layer's current widths: the three-layer form is bilinear
-    in (r_in, r_out), so removing one unit saves a constant per layer and axis at fixed widths."""
+    in (r_in, r_out), so removing one unit saves a constant per layer and axis at fixed widths
+    (the ranking's cost uses this form; the bisection counts the form each layer is built in)."""
     d_in, d_out = meta["d_in"], meta["d_out"]
     full = kfe_cost(meta, d_in, d_out)[metric]
     return full - kfe_cost(meta, d_in, d_out - 1)[metric], full - kfe_cost(meta, d_in - 1, d_out)[metric]
@@ -501,7 +504,7 @@ def select(
 
 class _Evaluator:
     """The exact (params, MACs) of the model when the k first units of a ranking go: every KFE
-    layer in its cheaper form (three layers or dense, by the target's metric), the channel groups
+    layer in its cheapest form (a pruned form or dense, by the target's metric), the channel groups
     of a hybrid plan through the graph's cost model (the two never change each other's cost)."""
 
     def __init__(self, metas, names, units: _Units, graph, base: np.ndarray, metric: int, forms: str = "three") -> None:
@@ -557,7 +560,7 @@ def _split_removed(units: _Units, k: int, names: list[str], graph) -> tuple[dict
 
 def _layer_plan(name: str, m: dict, removed: tuple[list, list], layer_choice, dense: tuple[int, int], scores,
                 entries: np.ndarray | None) -> LayerPlan:
-    """One layer's plan from its removed rows and columns (dense when its three-layer form is not
+    """One layer's plan from its removed rows and columns (dense when its chosen form is not
     smaller), with the predicted loss increase of what it loses."""
     rows_out, cols_out = set(removed[0]), set(removed[1])
     keep_out = [i for i in range(m["d_out"]) if i not in rows_out]
