@@ -7,7 +7,7 @@
                                                         Ray Tune, with the Pareto front
     raykfe report URI                                   print the report of a finished job or sweep
     raykfe methods                                      list the pruning methods (prune.method)
-    raykfe export URI --format torchscript|onnx --out FILE
+    raykfe export URI --format pt2|torchscript|onnx --out FILE
                                                         the pruned (or --base) model of a result as a
                                                         self-contained TorchScript / ONNX file, checked
 
@@ -45,7 +45,8 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("methods", help="list the pruning methods (prune.method)")
     ex = sub.add_parser("export", help="export a result's pruned model as TorchScript or ONNX (runs without raykfe)")
     ex.add_argument("uri", help="a finished job result: local directory or s3:// / gs:// URI")
-    ex.add_argument("--format", default=None, help="torchscript or onnx (default: from --out's extension, .pt / .onnx)")
+    ex.add_argument("--format", default=None, help="pt2 (torch.export, recommended), torchscript or onnx "
+                    "(default: from --out's extension, .pt2 / .pt / .onnx)")
     ex.add_argument("--out", default=None, help="the file to write (its directory must exist), or an s3:// / gs:// object")
     ex.add_argument("--base", action="store_true", help="export the base (unpruned) model of the job instead")
     ex.add_argument("--input-shape", default=None, help="C,H,W without the batch, when the result records none")

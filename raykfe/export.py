@@ -1,17 +1,21 @@
-"""Export a finished result as a self-contained model: TorchScript or ONNX (``raykfe export``).
+"""Export a finished result as a self-contained model: ExportedProgram, TorchScript or ONNX (``raykfe export``).
 
 The result (a local path, ``file://``, ``s3://`` or ``gs://`` URI) is read with raykfe's own loader
 (plan JSON + safetensors, checked against the manifest; nothing is unpickled), the pruned model is
 rebuilt from its plan, and the export runs WITHOUT raykfe afterwards:
 
-* ``torchscript``: ``torch.jit.trace`` of the rebuilt model in eval mode, loadable with plain
-  ``torch.jit.load``; the batch dimension is free (tracing records shapes symbolically).
+* ``pt2`` (recommended for PyTorch): ``torch.export.export`` of the rebuilt model in eval mode with
+  a dynamic ``batch`` dimension, saved with ``torch.export.save`` and loaded with plain
+  ``torch.export.load(path).module()``;
+* ``torchscript`` (for older runtimes; deprecated by torch): ``torch.jit.trace`` of the rebuilt
+  model in eval mode, loadable with plain ``torch.jit.load``; the batch dimension is free (tracing
+  records shapes symbolically).
 * ``onnx``: ``torch.onnx.export(..., dynamo=True)`` (onnxscript), opset :data:`ONNX_OPSET`, one
   input ``input`` ``[batch, C, H, W]`` float32 with a dynamic ``batch`` axis, one output ``logits``.
   Needs ``pip install 'raykfe[export]'`` (onnx, onnxscript, onnxruntime).
 
-Before anything is written the exported bytes are loaded back (``torch.jit.load`` /
-``onnxruntime``) and their outputs compared with the rebuilt model's on seeded inputs at batch 1
+Before anything is written the exported bytes are loaded back (``torch.export.load`` /
+``torch.jit.load`` / ``onnxruntime``) and their outputs compared with the rebuilt model's on seeded inputs at batch 1
 and 3 (the trace uses batch 2, so both sizes exercise the dynamic batch); a mismatch is an error.
 The file is written whole (a temporary sibling renamed over ``out`` locally; one atomic PUT on an
 object store), so a failed export leaves nothing behind. The same result exported twice gives the
@@ -39,7 +43,8 @@ from .errors import ConfigError, RaykfeError, StorageError
 
 __all__ = ["FORMATS", "ONNX_OPSET", "ExportError", "ExportInfo", "export", "export_bytes", "parse_input_shape"]
 
-FORMATS = ("torchscript", "onnx")
+FORMATS = ("pt2", "torchscript", "onnx")
+_FORMAT_HINT = "--format pt2, --format torchscript or --format onnx"
 ONNX_OPSET = 18
 ONNX_PACKAGES = ("onnx", "onnxscript", "onnxruntime")
 INSTALL_HINT = "pip install 'raykfe[export]'"
@@ -48,7 +53,7 @@ CHECK_BATCHES = (1, 3)
 TRACE_BATCH = 2
 #: outputs must agree within ``ATOL * max(1, max |reference|)`` (float32)
 ATOL = 1e-4
-_EXTENSIONS = {".pt": "torchscript", ".pth": "torchscript", ".ts": "torchscript", ".torchscript": "torchscript", ".onnx": "onnx"}
+_EXTENSIONS = {".pt2": "pt2", ".pt": "torchscript", ".pth": "torchscript", ".ts": "torchscript", ".torchscript": "torchscript", ".onnx": "onnx"}
 
 
 class ExportError(RaykfeError):
@@ -73,10 +78,10 @@ class ExportInfo:
         what = "base" if self.which == "base" else "pruned"
         m = self.metadata
         origin = f"{m.get('method')} {m.get('target')}, " if self.which == "pruned" and m.get("method") else ""
-        kind = f"ONNX opset {m.get('opset')}" if self.format == "onnx" else "TorchScript"
+        kind = {"onnx": f"ONNX opset {m.get('opset')}", "pt2": "ExportedProgram (torch.export)"}.get(self.format, "TorchScript")
         io_names = "input 'input' " if self.format == "onnx" else "input "
         out_name = "output 'logits' " if self.format == "onnx" else "output "
-        runner = "onnxruntime" if self.format == "onnx" else "torch.jit.load"
+        runner = {"onnx": "onnxruntime", "pt2": "torch.export.load"}.get(self.format, "torch.jit.load")
         return (
             f"exported the {what} model ({origin}{m.get('model') or 'custom architecture'}) to {self.out}: {kind}, "
             f"{io_names}float32 [batch, {', '.join(map(str, self.input_shape))}], {out_name}[batch, "
@@ -100,9 +105,9 @@ def resolve_format(fmt: str | None, out: str) -> str:
         ext = os.path.splitext(urlparse(out).path if "://" in out else out)[1].lower()
         if ext in _EXTENSIONS:
             return _EXTENSIONS[ext]
-        raise ConfigError(f"cannot tell the export format from {out!r}: give --format torchscript or --format onnx")
+        raise ConfigError(f"cannot tell the export format from {out!r}: give {_FORMAT_HINT}")
     if fmt not in FORMATS:
-        raise ConfigError(f"unknown export format {fmt!r}: choose --format torchscript or --format onnx")
+        raise ConfigError(f"unknown export format {fmt!r}: choose {_FORMAT_HINT}")
     return fmt
 
 
@@ -306,6 +311,21 @@ def _strip_debug_info(data: bytes) -> bytes:
     return out.getvalue()
 
 
+def _pt2_bytes(model: nn.Module, shape: list[int], meta: dict) -> bytes:
+    """``torch.export`` with a dynamic batch; the metadata rides along as an extra file."""
+    batch = torch.export.Dim("batch", min=1)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            program = torch.export.export(model, (_example(shape, TRACE_BATCH, 0),), dynamic_shapes=({0: batch},))
+        except Exception as exc:
+            raise ExportError(f"torch.export cannot export the model ({type(exc).__name__}: {_first_line(exc)}): "
+                              "try --format torchscript") from None
+        buf = io.BytesIO()
+        torch.export.save(program, buf, extra_files={"raykfe.json": json.dumps(meta, sort_keys=True)})
+    return buf.getvalue()
+
+
 def _onnx_bytes(model: nn.Module, shape: list[int], meta: dict, opset: int) -> bytes:
     batch = torch.export.Dim("batch", min=1)
     with torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
@@ -331,6 +351,12 @@ def _onnx_bytes(model: nn.Module, shape: list[int], meta: dict, opset: int) -> b
 
 
 def _run_exported(data: bytes, fmt: str, x: torch.Tensor) -> torch.Tensor:
+    if fmt == "pt2":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            loaded = torch.export.load(io.BytesIO(data)).module()
+        with torch.no_grad():
+            return loaded(x)
     if fmt == "torchscript":
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -374,6 +400,8 @@ def export_bytes(model: nn.Module, fmt: str, input_shape, *, metadata: dict | No
     if fmt == "onnx":
         meta["opset"] = opset
         data = _onnx_bytes(model, shape, meta, opset)
+    elif fmt == "pt2":
+        data = _pt2_bytes(model, shape, meta)
     else:
         data = _torchscript_bytes(model, shape, meta)
     worst = 0.0
@@ -405,8 +433,8 @@ def export(
 ) -> ExportInfo:
     """Export the pruned (or, with ``base=True``, the base) model of the result at ``uri`` to ``out``.
 
-    ``format``: ``"torchscript"`` or ``"onnx"`` (None: from ``out``'s extension, ``.onnx`` or
-    ``.pt``/``.pth``/``.ts``). ``out``: a local file path (its directory must exist) or an
+    ``format``: ``"pt2"``, ``"torchscript"`` or ``"onnx"`` (None: from ``out``'s extension, ``.pt2``,
+    ``.onnx`` or ``.pt``/``.pth``/``.ts``). ``out``: a local file path (its directory must exist) or an
     ``s3://`` / ``gs://`` object URI; an existing file is replaced only with ``force``.
     ``input_shape``: ``[C, H, W]`` when the result records none. ``model``: an instance of the
     original architecture, for results of models raykfe did not build. Nothing is written on error.

@@ -1,11 +1,11 @@
-"""``raykfe export``: results as self-contained TorchScript / ONNX models that run without raykfe.
+"""``raykfe export``: results as self-contained ExportedProgram / TorchScript / ONNX models that run without raykfe.
 
 Three results: a tiny digits JOB pruned with EigenDamage (three-layer rebuilt convs; its manifest
 records the input shape), resnet8 pruned with a channel method (l1, via the API; the channel plan
 records the input shape) and torchvision resnet18 at 32x32 pruned with EigenDamage (via the API;
-nothing recorded, the shape is given). Each is exported in both formats and run in a FRESH
-interpreter where ``import raykfe`` is impossible (TorchScript with plain ``torch.jit.load``, ONNX
-with onnxruntime); outputs match the rebuilt pruned model at batch 1 and 5 (the export traced batch
+nothing recorded, the shape is given). Each is exported in every format and run in a FRESH
+interpreter where ``import raykfe`` is impossible (ExportedProgram with plain ``torch.export.load``,
+TorchScript with plain ``torch.jit.load``, ONNX with onnxruntime); outputs match the rebuilt pruned model at batch 1 and 5 (the export traced batch
 2). Exports are byte-identical when repeated, an s3:// result exports to an s3:// object, and bad
 input is one line ``raykfe: error: ...``, exit 2, nothing written.
 """
@@ -38,7 +38,7 @@ pytestmark = [
 REPO = Path(__file__).resolve().parents[1]
 ATOL = 1e-4
 BATCHES = (1, 5)
-FORMATS = {"torchscript": "pt", "onnx": "onnx"}
+FORMATS = {"pt2": "pt2", "torchscript": "pt", "onnx": "onnx"}
 TINY_JOB = [
     "model.name=resnet8", "data.image_size=16", "base.epochs=0", "finetune.epochs=0", "stats.max_batches=1",
     "stats.batch_size=16", "prune.target=flops:0.5", "progress=false", "runtime=local",
@@ -109,6 +109,10 @@ for job in jobs:
         model = torch.jit.load(job["path"])
         with torch.no_grad():
             y = model(torch.from_numpy(x)).numpy()
+    elif job["format"] == "pt2":
+        model = torch.export.load(job["path"]).module()
+        with torch.no_grad():
+            y = model(torch.from_numpy(x)).numpy()
     else:
         y = ort.InferenceSession(job["path"], providers=["CPUExecutionProvider"]).run(["logits"], {"input": x})[0]
     np.save(job["output"], y)
@@ -160,6 +164,19 @@ def test_export_is_deterministic(results, exported, tmp_path):
         again = tmp_path / f"again.{ext}"
         export(results["kfe"], str(again), fmt)
         assert again.read_bytes() == exported["kfe", fmt].read_bytes(), fmt
+
+
+def test_pt2_is_an_exported_program_with_a_dynamic_batch_and_metadata(results, exported):
+    """The recommended PyTorch format: ``torch.export.load`` gives an ExportedProgram whose batch
+    is symbolic, with raykfe's record beside it."""
+    extra = {"raykfe.json": ""}
+    program = torch.export.load(str(exported["kfe", "pt2"]), extra_files=extra)
+    assert isinstance(program, torch.export.ExportedProgram)
+    (spec,) = [s for s in program.graph_signature.input_specs if s.kind == torch.export.graph_signature.InputKind.USER_INPUT]
+    batch = program.graph.find_nodes(op="placeholder", target=spec.arg.name)[0].meta["val"].shape[0]
+    assert not isinstance(batch, int)  # a symbol, not the traced batch of 2
+    meta = json.loads(extra["raykfe.json"])
+    assert meta["format"] == "pt2" and meta["method"] == "eigendamage" and meta["input_shape"] == [3, 16, 16]
 
 
 def test_onnx_has_a_dynamic_batch_and_metadata(results, exported):
@@ -254,7 +271,7 @@ def _one_line_error(rc: int, err: str, needle: str) -> None:
 BAD = [
     ("missing result", lambda r, d: [str(d / "nothing"), "--out", str(d / "m.pt")], "no complete raykfe result"),
     ("unknown format", lambda r, d: [r["kfe"], "--format", "tflite", "--out", str(d / "m.pt")], "unknown export format"),
-    ("no format", lambda r, d: [r["kfe"], "--out", str(d / "m.bin")], "--format torchscript or --format onnx"),
+    ("no format", lambda r, d: [r["kfe"], "--out", str(d / "m.bin")], "--format pt2, --format torchscript or --format onnx"),
     ("no out", lambda r, d: [r["kfe"], "--format", "onnx"], "--out"),
     ("missing dir", lambda r, d: [r["kfe"], "--out", str(d / "no" / "m.pt")], "does not exist"),
     ("out is a dir", lambda r, d: [r["kfe"], "--out", str(d)], "is a directory"),
