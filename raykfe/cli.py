@@ -43,7 +43,8 @@ def _parser() -> argparse.ArgumentParser:
     rp = sub.add_parser("report", help="print the report of a finished job")
     rp.add_argument("uri")
     sub.add_parser("methods", help="list the pruning methods (prune.method)")
-    ex = sub.add_parser("export", help="export a result's pruned model as TorchScript or ONNX (runs without raykfe)")
+    ex = sub.add_parser("export", help="export a result's pruned model as an ExportedProgram, TorchScript or ONNX "
+                        "(runs without raykfe)")
     ex.add_argument("uri", help="a finished job result: local directory or s3:// / gs:// URI")
     ex.add_argument("--format", default=None, help="pt2 (torch.export, recommended), torchscript or onnx "
                     "(default: from --out's extension, .pt2 / .pt / .onnx)")
@@ -51,6 +52,8 @@ def _parser() -> argparse.ArgumentParser:
     ex.add_argument("--base", action="store_true", help="export the base (unpruned) model of the job instead")
     ex.add_argument("--input-shape", default=None, help="C,H,W without the batch, when the result records none")
     ex.add_argument("--force", action="store_true", help="replace --out if it exists")
+    ex.add_argument("--no-fold-bn", dest="fold_bn", action="store_false",
+                    help="keep BatchNorm layers (by default each one right after a conv is folded into it)")
     return p
 
 
@@ -94,7 +97,8 @@ def _report(args) -> int:
 def _export(args) -> int:
     from .export import export
 
-    print(export(args.uri, args.out, args.format, base=args.base, input_shape=args.input_shape, force=args.force).summary())
+    print(export(args.uri, args.out, args.format, base=args.base, input_shape=args.input_shape, force=args.force,
+                 fold_bn=args.fold_bn).summary())
     return 0
 
 

@@ -86,6 +86,7 @@ class ExportInfo:
             f"exported the {what} model ({origin}{m.get('model') or 'custom architecture'}) to {self.out}: {kind}, "
             f"{io_names}float32 [batch, {', '.join(map(str, self.input_shape))}], {out_name}[batch, "
             f"{', '.join(map(str, self.output_shape))}], {_human_bytes(self.size)}\n"
+            f"{m.get('batchnorms_folded') or 0} BatchNorm layer(s) folded into the conv before them\n"
             f"checked: {runner} reproduces the rebuilt model at batch {' and '.join(map(str, self.checked_batches))} "
             f"(max |diff| {self.max_abs_diff:.1e})"
         )
@@ -295,7 +296,8 @@ def _torchscript_bytes(model: nn.Module, shape: list[int], meta: dict) -> bytes:
 
 
 def _strip_debug_info(data: bytes) -> bytes:
-    """The TorchScript archive without its ``*.debug_pkl`` records. They hold the Python call stack
+    """The TorchScript (or ExportedProgram) archive without its ``*.debug_pkl`` records and its
+    random ``serialization_id``. They hold the Python call stack
     of the trace (absolute paths of the installation and of whoever called :func:`export`), which
     would make the bytes depend on the caller and leak local paths; ``torch.jit.load`` does not need
     them. The archive is rewritten with torch's own writer (64-byte aligned records)."""
@@ -321,9 +323,12 @@ def _pt2_bytes(model: nn.Module, shape: list[int], meta: dict) -> bytes:
         except Exception as exc:
             raise ExportError(f"torch.export cannot export the model ({type(exc).__name__}: {_first_line(exc)}): "
                               "try --format torchscript") from None
+        for node in program.graph.nodes:  # provenance: ids of this process's graphs, local source paths
+            for key in ("from_node", "stack_trace"):
+                node.meta.pop(key, None)
         buf = io.BytesIO()
         torch.export.save(program, buf, extra_files={"raykfe.json": json.dumps(meta, sort_keys=True)})
-    return buf.getvalue()
+    return _strip_debug_info(buf.getvalue())
 
 
 def _onnx_bytes(model: nn.Module, shape: list[int], meta: dict, opset: int) -> bytes:
@@ -374,11 +379,9 @@ def _run_exported(data: bytes, fmt: str, x: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(session.run(["logits"], {"input": x.numpy()})[0])
 
 
-def export_bytes(model: nn.Module, fmt: str, input_shape, *, metadata: dict | None = None, opset: int = ONNX_OPSET) -> tuple[bytes, float, list[int]]:
-    """``model`` (any module taking one float32 ``[N, *input_shape]`` tensor and returning one tensor)
-    exported to ``fmt`` in memory and checked: ``(bytes, max |diff| at CHECK_BATCHES, output shape)``.
-    ``model`` is put in eval mode (float32, CPU). Not thread-safe (TorchScript tracing swaps torch's
-    global type registry for the duration of the trace)."""
+def _export_checked(model: nn.Module, fmt: str, input_shape, metadata: dict | None, opset: int,
+                    fold_bn: bool) -> tuple[bytes, float, list[int], dict]:
+    """:func:`export_bytes`, also returning the metadata written into the file."""
     fmt = resolve_format(fmt, "")
     shape = parse_input_shape(input_shape)
     if fmt == "onnx":
@@ -397,6 +400,10 @@ def export_bytes(model: nn.Module, fmt: str, input_shape, *, metadata: dict | No
                 raise ExportError(f"the model returns {type(y).__name__}, not one tensor: only single-output classifiers are exported")
             refs.append((x, y))
     meta = {**(metadata or {}), "format": fmt, "input_shape": shape}
+    if fold_bn:
+        from .fold import fold_batchnorms
+
+        model, meta["batchnorms_folded"], _ = fold_batchnorms(model)
     if fmt == "onnx":
         meta["opset"] = opset
         data = _onnx_bytes(model, shape, meta, opset)
@@ -417,7 +424,19 @@ def export_bytes(model: nn.Module, fmt: str, input_shape, *, metadata: dict | No
                 "nothing was written; try the other --format"
             )
         worst = max(worst, diff)
-    return data, worst, list(refs[0][1].shape[1:])
+    return data, worst, list(refs[0][1].shape[1:]), meta
+
+
+def export_bytes(model: nn.Module, fmt: str, input_shape, *, metadata: dict | None = None, opset: int = ONNX_OPSET,
+                 fold_bn: bool = True) -> tuple[bytes, float, list[int]]:
+    """``model`` (any module taking one float32 ``[N, *input_shape]`` tensor and returning one tensor)
+    exported to ``fmt`` in memory and checked: ``(bytes, max |diff| at CHECK_BATCHES, output shape)``.
+    With ``fold_bn`` every BatchNorm that directly follows a conv is folded into it first
+    (:mod:`raykfe.fold`; the count is in the metadata), and the check compares the exported model
+    with the UNFOLDED one.
+    ``model`` is put in eval mode (float32, CPU). Not thread-safe (TorchScript tracing swaps torch's
+    global type registry for the duration of the trace)."""
+    return _export_checked(model, fmt, input_shape, metadata, opset, fold_bn)[:3]
 
 
 def export(
@@ -430,6 +449,7 @@ def export(
     force: bool = False,
     model: nn.Module | None = None,
     opset: int = ONNX_OPSET,
+    fold_bn: bool = True,
 ) -> ExportInfo:
     """Export the pruned (or, with ``base=True``, the base) model of the result at ``uri`` to ``out``.
 
@@ -437,7 +457,9 @@ def export(
     ``.onnx`` or ``.pt``/``.pth``/``.ts``). ``out``: a local file path (its directory must exist) or an
     ``s3://`` / ``gs://`` object URI; an existing file is replaced only with ``force``.
     ``input_shape``: ``[C, H, W]`` when the result records none. ``model``: an instance of the
-    original architecture, for results of models raykfe did not build. Nothing is written on error.
+    original architecture, for results of models raykfe did not build. ``fold_bn``: BatchNorms that
+    directly follow a conv are folded into it (exact in eval mode; checked against the unfolded
+    model). Nothing is written on error.
     """
     from .storage import open_uri
 
@@ -462,7 +484,8 @@ def export(
         "target": getattr(plan, "target", None),
         "weights_sha256": manifest.get("files", {}).get("base.safetensors" if base else "weights.safetensors"),
     }
-    data, worst, out_shape = export_bytes(net, fmt, shape, metadata=meta, opset=opset)
+    data, worst, out_shape, written = _export_checked(net, fmt, shape, meta, opset, fold_bn)
+    meta["batchnorms_folded"] = written.get("batchnorms_folded", 0)
     open_uri(target.parent).write_bytes(target.name, data)  # temp sibling + rename locally, one PUT remotely
     return ExportInfo(out, fmt, meta["which"], shape, out_shape, len(data), worst, CHECK_BATCHES,
                       {**meta, "opset": opset if fmt == "onnx" else None})

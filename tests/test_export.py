@@ -177,6 +177,9 @@ def test_pt2_is_an_exported_program_with_a_dynamic_batch_and_metadata(results, e
     assert not isinstance(batch, int)  # a symbol, not the traced batch of 2
     meta = json.loads(extra["raykfe.json"])
     assert meta["format"] == "pt2" and meta["method"] == "eigendamage" and meta["input_shape"] == [3, 16, 16]
+    # every BatchNorm of resnet8 follows a conv alone: all folded, none left in the program
+    assert meta["batchnorms_folded"] == 9
+    assert not [n for n in program.graph.nodes if "batch_norm" in str(n.target)]
 
 
 def test_onnx_has_a_dynamic_batch_and_metadata(results, exported):
