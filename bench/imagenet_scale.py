@@ -5,7 +5,11 @@ reduction, for EigenDamage and C-OBD at flops:0.5.
 
     .venv/bin/python bench/imagenet_scale.py overhead [--batch 8 --batches 3]
     .venv/bin/python bench/imagenet_scale.py memory   [--batch 8]
-    .venv/bin/python bench/imagenet_scale.py latency  [--repeats 10]
+    .venv/bin/python bench/imagenet_scale.py latency  [--repeats 10] [--deploy]
+
+``--deploy`` adds what users deploy beside eager PyTorch: both models with their BatchNorms folded
+into the convs (:mod:`raykfe.fold`), in eager PyTorch and as ONNX in onnxruntime (exported and
+checked by ``raykfe.export.export_bytes``), timed interleaved the same way.
 
 Models are randomly initialised (this machine has no network to fetch trained weights) and the
 images are seeded Gaussian noise: the figures measure cost, not accuracy. Prints markdown tables;
@@ -118,7 +122,50 @@ def memory(args) -> None:
     print(format_table(["process", "RSS after model + data MiB", "peak RSS MiB", "ratio to plain", "memory model"], rows, markdown=True))
 
 
-def _prune_row(arch: str, model, batches, example, method: str, repeats: int):
+def _ort_latency(models: dict, example, batches=(1, 32), repeats: int = 5, threads: int = 2, warmup: int = 2) -> dict:
+    """``{name: {"1": ms, "32": ms}}``: each model exported to ONNX (BatchNorm folded, checked) and
+    timed in onnxruntime with ``threads`` intra-op threads, the models' passes interleaved."""
+    import statistics
+
+    import onnxruntime as ort
+
+    from raykfe.export import export_bytes
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads, opts.inter_op_num_threads, opts.log_severity_level = threads, 1, 3
+    sessions = {n: ort.InferenceSession(export_bytes(m, "onnx", list(example.shape[1:]))[0], opts,
+                                        providers=["CPUExecutionProvider"]) for n, m in models.items()}
+    out = {n: {} for n in models}
+    for b in batches:
+        x = example[:1].expand(b, *example.shape[1:]).contiguous().numpy()
+        times = {n: [] for n in sessions}
+        for _ in range(warmup):
+            for s in sessions.values():
+                s.run(["logits"], {"input": x})
+        for _ in range(repeats):
+            for n, s in sessions.items():
+                t0 = time.perf_counter()
+                s.run(["logits"], {"input": x})
+                times[n].append(1000.0 * (time.perf_counter() - t0))
+        for n, ts in times.items():
+            out[n][str(b)] = statistics.median(ts)
+    return out
+
+
+def _deploy_cells(model, pruned, example, repeats: int) -> list[str]:
+    """Speedups with BatchNorm folded, eager and onnxruntime (``--deploy``)."""
+    from raykfe.fold import fold_batchnorms
+
+    folded = {"base": fold_batchnorms(model)[0], "pruned": fold_batchnorms(pruned)[0]}
+    eager = latency_profile(folded, example, batches=(1, 32), repeats=repeats, threads=torch.get_num_threads())
+    e = {k: v["cpu"] for k, v in eager.items()}
+    o = _ort_latency({"base": model, "pruned": pruned}, example, repeats=repeats, threads=torch.get_num_threads())
+    return [f"{e['base'][b] / e['pruned'][b]:.2f}x" for b in ("1", "32")] + \
+        [f"{o['base']['1']:.1f} / {o['pruned']['1']:.1f}", f"{o['base']['1'] / o['pruned']['1']:.2f}x",
+         f"{o['base']['32']:.0f} / {o['pruned']['32']:.0f}", f"{o['base']['32'] / o['pruned']['32']:.2f}x"]
+
+
+def _prune_row(arch: str, model, batches, example, method: str, repeats: int, deploy: bool = False):
     t0 = time.perf_counter()
     name, _, opts = method.partition(":")  # e.g. "eigendamage:forms=three;rank=score"
     kw = dict(kv.split("=", 1) for kv in opts.split(";") if kv)
@@ -129,7 +176,8 @@ def _prune_row(arch: str, model, batches, example, method: str, repeats: int):
     b, p = prof["base"]["cpu"], prof["pruned"]["cpu"]
     return [arch, method, f"{human(base.macs)} -> {human(pruned.macs)}", f"{base.macs / pruned.macs:.2f}x",
             f"{base.params / pruned.params:.2f}x", f"{b['1']:.1f} / {p['1']:.1f}", f"{b['1'] / p['1']:.2f}x",
-            f"{b['32']:.0f} / {p['32']:.0f}", f"{b['32'] / p['32']:.2f}x", f"{secs:.0f}"]
+            f"{b['32']:.0f} / {p['32']:.0f}", f"{b['32'] / p['32']:.2f}x", f"{secs:.0f}"] + \
+        (_deploy_cells(model, res.model, example, repeats) if deploy else [])
 
 
 def latency(args) -> None:
@@ -144,11 +192,13 @@ def latency(args) -> None:
         batches = _batches(args.stat_batches, 8, size, classes)
         example = batches[0][0][:1]
         for method in args.methods.split(","):
-            rows.append(_prune_row(arch, model, batches, example, method, args.repeats))
+            rows.append(_prune_row(arch, model, batches, example, method, args.repeats, args.deploy))
             print(" | ".join(rows[-1]), file=sys.stderr, flush=True)
     print(f"### Pruned latency vs MACs at flops:0.5 (CPU, {torch.get_num_threads()} threads, median of {args.repeats} interleaved passes)\n")
+    deploy = ["folded eager b1", "folded eager b32", "ort ms b1 base / pruned", "ort speedup b1", "ort ms b32 base / pruned",
+              "ort speedup b32"] if args.deploy else []
     print(format_table(["model", "method", "MACs", "MACs reduction", "params reduction", "ms b1 base / pruned", "speedup b1",
-                        "ms b32 base / pruned", "speedup b32", "prune s"], rows, markdown=True))
+                        "ms b32 base / pruned", "speedup b32", "prune s", *deploy], rows, markdown=True))
 
 
 def main() -> None:
@@ -160,6 +210,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--stat-batches", type=int, default=2)
     ap.add_argument("--archs", default="resnet50,vgg19_bn")
+    ap.add_argument("--deploy", action="store_true", help="also BatchNorm folded: eager and onnxruntime speedups")
     ap.add_argument("--methods", default="eigendamage,c-obd", help="comma-separated; a method may carry settings, "
                     "eigendamage:forms=three (';' between settings: eigendamage:forms=three;rank=score)")
     args = ap.parse_args()
