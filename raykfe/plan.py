@@ -135,12 +135,9 @@ def kfe_cost(meta: dict, r_in: int, r_out: int, form: str = "three") -> tuple[in
         r_in = c_in  # the folded core reads the layer's input
     extra = (r_in if fold and form != "fold_in" else 0) + (r_out if fold and form == "fold_in" else 0) + out_bias
     a, b, c = _factor_sizes(meta, c_in, c_out, k2, r_in, r_out, form)
-    pixels = int(np.prod(meta["in_shape"][1:])) if meta["kind"] != "linear" and meta["mode"] == "patch" else t
-    if meta["kind"] == "linear" or meta["mode"] == "full":
-        return a + b + c + extra, t * (a + b + c)
     # patch mode: a 1x1 input rotation runs at the input's resolution, the rest at the output's
-    first = pixels * a if form != "fold_in" else t * a
-    return a + b + c + extra, first + t * (b + c)
+    pixels = int(np.prod(meta["in_shape"][1:])) if meta["kind"] != "linear" and meta["mode"] == "patch" else t
+    return a + b + c + extra, pixels * a + t * (b + c)
 
 
 def _factor_sizes(meta: dict, c_in: int, c_out: int, k2: int, r_in: int, r_out: int, form: str) -> tuple[int, int, int]:
@@ -157,8 +154,8 @@ def _factor_sizes(meta: dict, c_in: int, c_out: int, k2: int, r_in: int, r_out: 
         rot_in, core, rot_out = c_in * k2 * r_in, r_in * r_out, r_out * c_out
     if form == "fold_out":
         return rot_in, core, 0
-    if form == "fold_in":
-        return 0, (c_in * k2 * r_out if meta["kind"] != "linear" else c_in * r_out), rot_out
+    if form == "fold_in":  # the folded core has the kernel (k2 = 1 for a Linear)
+        return 0, c_in * k2 * r_out, rot_out
     return rot_in, core, rot_out
 
 
