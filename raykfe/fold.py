@@ -52,7 +52,7 @@ def fold_batchnorms(model: nn.Module) -> tuple[nn.Module, int, str]:
         return model, 0, f"torch.fx cannot trace the model ({type(exc).__name__})"
     modules = dict(graph_module.named_modules())
     folded = 0
-    for node in graph_module.graph.nodes:
+    for node in list(graph_module.graph.nodes):  # the loop erases nodes: iterate over a snapshot
         if node.op != "call_module" or not isinstance(modules.get(node.target), nn.BatchNorm2d):
             continue
         bn, src = modules[node.target], node.args[0] if node.args else None
