@@ -18,7 +18,7 @@ A job file has the sections below (every key optional, defaults shown by ``raykf
     output:   {uri, overwrite}
     runtime:  ray | local
     ray:      {address, num_cpus, workers, use_gpu, cpus_per_worker, actor_cpus, actor_gpus, max_actors,
-               max_failures, bucket_mb}
+               max_failures, bucket_mb, resource_wait_s}
     latency:  {batches, repeats, threads}   # inference latency of base and pruned in the report
 
 Every error names the field, the value and the fix, in one line (:class:`ConfigError`).
@@ -246,6 +246,7 @@ class RayConfig:
     max_actors: int | None = None  # default: as many as the cluster's CPUs allow, at most one per layer
     max_failures: int = 2  # Train worker restarts before the job fails
     bucket_mb: int = 64  # all-reduce bucket size for the statistics
+    resource_wait_s: float = 300.0  # with an autoscaler: how long to wait for the nodes a stage needs
 
     def validate(self, p: str) -> None:
         _check(self.workers >= 1, f"{p}.workers", self.workers, "use at least 1 worker")
@@ -256,6 +257,7 @@ class RayConfig:
         _check(self.max_actors is None or self.max_actors >= 1, f"{p}.max_actors", self.max_actors, "use a positive number or null")
         _check(self.max_failures >= 0, f"{p}.max_failures", self.max_failures, "use 0 or more")
         _check(self.bucket_mb >= 1, f"{p}.bucket_mb", self.bucket_mb, "use at least 1 MB")
+        _check(self.resource_wait_s >= 0, f"{p}.resource_wait_s", self.resource_wait_s, "use 0 or more seconds")
 
 
 @dataclass(frozen=True)

@@ -130,6 +130,7 @@ def _prepare(cfg: JobConfig, backend_for, methods: list[str], uri: str, log) -> 
 def run_sweep(cfg: JobConfig, *, log=print) -> dict:
     """Run the sweep of ``cfg`` (its ``sweep`` section) on Ray Tune; returns the summary."""
     from .distributed.cluster import connect
+    from .distributed.resources import check_job
     from .distributed.tune import run_trials
 
     s = cfg.sweep
@@ -146,6 +147,7 @@ def run_sweep(cfg: JobConfig, *, log=print) -> dict:
     if cfg.output.overwrite:
         loc.delete(SWEEP_MANIFEST)
     connect(cfg.ray.address, cfg.ray.num_cpus)
+    check_job(cfg, sweep=True, log=log)
 
     def backend_for(c: JobConfig):
         if c.runtime == "ray":

@@ -25,6 +25,7 @@ from ..factors import stats_from_tensors
 from ..stream import export_listings
 from .actors import EigenPool
 from .cluster import connect
+from .resources import check_job
 from .faults import FAULT_ENV, test_fault_from_env
 from .workers import measure_worker, stats_worker, train_worker
 
@@ -62,7 +63,7 @@ class RayBackend:
     name = "ray"
 
     def __init__(self, cfg: JobConfig) -> None:
-        self.rc = cfg.ray
+        self.cfg, self.rc = cfg, cfg.ray
         self._connected = False
         self._ctx = None
         self._inbox = None
@@ -78,6 +79,7 @@ class RayBackend:
     def _connect(self) -> None:
         if not self._connected:
             connect(self.rc.address, self.rc.num_cpus)
+            check_job(self.cfg)  # a request the cluster cannot meet fails here, not as a hang in Train
             self._connected = True
 
     def _fit(self, fn, recipe, state, stage: str, **extra):
