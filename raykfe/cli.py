@@ -32,11 +32,14 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--quiet", action="store_true", help="no progress bars")
     pr.add_argument("--address", default=None, help="Ray cluster to join (default: RAY_ADDRESS, else a new local one)")
     pr.add_argument("--local", action="store_true", help="run in this process without Ray (runtime=local)")
+    pr.add_argument("--verbose", action="store_true", help="Ray's own log lines on the console too (ray.verbose=true)")
+    pr.add_argument("--layers", action="store_true", help="print the per-layer table however many layers there are")
     sw = sub.add_parser("sweep", help="sweep targets, methods and fine-tuning settings on Ray Tune")
     sw.add_argument("-c", "--config", required=True, help="sweep YAML, e.g. jobs/digits-sweep.yaml")
     sw.add_argument("overrides", nargs="*", help="key=value overrides, e.g. sweep.targets=[flops:0.5,flops:0.7]")
     sw.add_argument("--quiet", action="store_true", help="no progress output")
     sw.add_argument("--address", default=None, help="Ray cluster to join (default: RAY_ADDRESS, else a new local one)")
+    sw.add_argument("--verbose", action="store_true", help="Ray's own log lines on the console too (ray.verbose=true)")
     co = sub.add_parser("config", help="print the resolved job config")
     co.add_argument("-c", "--config", default=None)
     co.add_argument("overrides", nargs="*")
@@ -105,6 +108,7 @@ def _export(args) -> int:
 def _overrides(args) -> list[str]:
     overrides = list(args.overrides) + (["progress=false"] if args.quiet else [])
     overrides += [f"ray.address={args.address}"] if args.address else []
+    overrides += ["ray.verbose=true"] if getattr(args, "verbose", False) else []
     return overrides + (["runtime=local"] if getattr(args, "local", False) else [])
 
 
@@ -118,6 +122,9 @@ def _sweep(args) -> int:
     print(f"{summary['done']} of {summary['trials']} trials finished ({summary['stopped']} stopped early by ASHA, "
           f"{summary['errors']} failed); front plot: {cfg.output.uri.rstrip('/')}/front.png")
     return 0
+
+
+_LAYER_ROWS = 16  # longer per-layer tables are left to `raykfe report` unless --layers
 
 
 def _prune(args) -> int:
@@ -135,7 +142,15 @@ def _prune(args) -> int:
     print(job_table(job.metrics))
     if job.result is not None:
         print()
-        print(job.result.table())
+        rows = job.result.report
+        if args.layers or len(rows) <= _LAYER_ROWS:
+            print(job.result.table())
+        else:  # a long per-layer table drowns the summary above: it is in the report
+            dense = sum(1 for r in rows if r.get("action") == "dense")
+            bottlenecks = [r["layer"] for r in rows if "bottleneck" in str(r.get("note", ""))]
+            print(f"per-layer plan: {len(rows)} layers ({dense} left dense)"
+                  + (f", bottlenecks: {', '.join(bottlenecks)}" if bottlenecks else "")
+                  + f"; the table: raykfe report {cfg.output.uri} (or prune --layers)")
     print(f"\nresult: {cfg.output.uri}")
     return 0
 

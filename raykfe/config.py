@@ -18,8 +18,8 @@ A job file has the sections below (every key optional, defaults shown by ``raykf
     output:   {uri, overwrite}
     runtime:  ray | local
     ray:      {address, num_cpus, workers, use_gpu, cpus_per_worker, actor_cpus, actor_gpus, max_actors,
-               max_failures, bucket_mb, resource_wait_s}
-    latency:  {batches, repeats, threads}   # inference latency of base and pruned in the report
+               max_failures, bucket_mb, resource_wait_s, verbose}
+    latency:  {batches, repeats, threads, table, batch}   # inference latency of base and pruned in the report
 
 Every error names the field, the value and the fix, in one line (:class:`ConfigError`).
 """
@@ -199,8 +199,9 @@ class PruneConfig:
         _check(self.recalibrate_batches >= 0, f"{p}.recalibrate_batches", self.recalibrate_batches,
                "use 0 (off) or a number of batches, e.g. 10")
         _check(self.recalibrate_on in ("driver", "workers"), f"{p}.recalibrate_on", self.recalibrate_on, "use driver or workers")
-        _check(self.forms in ("cheapest", "three"), f"{p}.forms", self.forms,
-               "use cheapest (each pruned layer's cheapest exact form) or three (three layers)")
+        _check(self.forms in ("cheapest", "three", "latency"), f"{p}.forms", self.forms,
+               "use cheapest (each pruned layer's cheapest exact form by MACs), latency (the fastest by a measured "
+               "table, latency.table) or three (three layers)")
         _check(self.rank in (None, "cost", "score", "auto"), f"{p}.rank", self.rank, "use cost, score or auto, or null")
         _check(self.normalize in (None, "none", "mean"), f"{p}.normalize", self.normalize, "use none or mean, or null")
 
@@ -247,6 +248,7 @@ class RayConfig:
     max_failures: int = 2  # Train worker restarts before the job fails
     bucket_mb: int = 64  # all-reduce bucket size for the statistics
     resource_wait_s: float = 300.0  # with an autoscaler: how long to wait for the nodes a stage needs
+    verbose: bool = False  # Ray's own log lines (workers, Train, autoscaler) on the console too (--verbose)
 
     def validate(self, p: str) -> None:
         _check(self.workers >= 1, f"{p}.workers", self.workers, "use at least 1 worker")
@@ -265,16 +267,20 @@ class LatencyConfig:
     """Inference latency of the base and pruned models in the job report: the median of
     ``repeats`` timed eval-mode forward passes per batch size, on CPU with ``threads`` torch
     threads (default: all torch has), and also on the job's GPU when ``device`` is one.
-    ``repeats: 0`` skips it."""
+    ``repeats: 0`` skips it. ``table`` and ``batch``: where ``prune.forms: latency`` keeps the
+    measured latency tables it chooses forms by, and the batch it optimises for."""
 
     batches: tuple[int, ...] = (1, 32)
     repeats: int = 10
     threads: int | None = None
+    table: str | None = None  # where measured latency tables are kept and shared (prune.forms: latency)
+    batch: int | None = None  # the batch prune.forms: latency optimises for (default: the largest of batches)
 
     def validate(self, p: str) -> None:
         _check(len(self.batches) >= 1 and all(b >= 1 for b in self.batches), f"{p}.batches", list(self.batches), "give positive batch sizes, e.g. [1, 32]")
         _check(self.repeats >= 0, f"{p}.repeats", self.repeats, "use 0 (off) or more")
         _check(self.threads is None or self.threads >= 1, f"{p}.threads", self.threads, "use a positive thread count or null")
+        _check(self.batch is None or self.batch >= 1, f"{p}.batch", self.batch, "use a positive batch size or null")
 
 
 @dataclass(frozen=True)

@@ -146,7 +146,7 @@ def run_sweep(cfg: JobConfig, *, log=print) -> dict:
     loc = open_uri(uri)
     if cfg.output.overwrite:
         loc.delete(SWEEP_MANIFEST)
-    connect(cfg.ray.address, cfg.ray.num_cpus)
+    connect(cfg.ray.address, cfg.ray.num_cpus, log_to_driver=cfg.ray.verbose)
     check_job(cfg, sweep=True, log=log)
 
     def backend_for(c: JobConfig):

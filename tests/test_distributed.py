@@ -232,6 +232,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _assert_quiet_console(lines: list[str]) -> None:
+    """The job's console: the workers' epoch and pass lines reach it once each (relayed by the
+    driver), and none of Ray's own worker or Train log lines, nothing that looks like an error."""
+    for line in ("[base] epoch 1/1", "[finetune] epoch 1/1", "[stats] K-FAC statistics"):
+        assert sum(ln.startswith(line) for ln in lines) == 1, (line, lines)
+    noisy = [ln for ln in lines if "pid=" in ln or "RayTrainWorker" in ln or "Traceback" in ln or " E " in ln
+             or "ERROR" in ln or "WARNING" in ln or "Reporting training result" in ln]
+    assert not noisy, noisy
+
+
 @pytest.mark.ray
 @pytest.mark.slow
 def test_ray_job_submit_of_digits_job(tmp_path):
@@ -270,7 +280,7 @@ def test_ray_job_submit_of_digits_job(tmp_path):
         submit = [
             ray_cli, "job", "submit", "--address", address, "--working-dir", str(workdir), "--",
             "python", "-m", "raykfe.cli", "prune", "-c", "jobs/digits.yaml", "model.name=resnet8", "data.image_size=16",
-            "base.epochs=1", "finetune.epochs=1", "stats.max_batches=2", "progress=false", f"output.uri={out}",
+            "base.epochs=1", "finetune.epochs=1", "stats.max_batches=2", "progress=true", f"output.uri={out}",
         ]
         deadline = time.time() + 120
         while True:  # the head's job agent comes up a little after its dashboard (bounded wait)
@@ -280,6 +290,7 @@ def test_ray_job_submit_of_digits_job(tmp_path):
             time.sleep(3)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         assert "succeeded" in proc.stdout + proc.stderr
+        _assert_quiet_console((proc.stdout + proc.stderr).splitlines())
     finally:
         head.terminate()
         try:

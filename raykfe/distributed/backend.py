@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
+import threading
 import uuid
 from urllib.parse import urlparse
 
@@ -53,8 +55,42 @@ class _Inbox:
     def put(self, key: str, value) -> None:
         self.items[key] = value
 
+    def say(self, line: str) -> None:
+        """A console line from a worker, for the driver to print (Ray's forwarding is off)."""
+        self.items.setdefault("_lines", []).append(line)
+
+    def said(self) -> list[str]:
+        return self.items.pop("_lines", [])
+
     def take(self, key: str):
         return self.items.pop(key, None)
+
+
+class _Relay:
+    """While a Train run lasts, print the lines its workers said (:meth:`_Inbox.say`) on the
+    driver's console, once each and in order: the job's own lines, without Ray's log forwarding."""
+
+    def __init__(self, inbox, log, every_s: float = 0.5) -> None:
+        self.inbox, self.log, self.every_s = inbox, log, every_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _drain(self) -> None:
+        for line in ray.get(self.inbox.said.remote()):
+            self.log(line)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every_s):
+            self._drain()
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._drain()
 
 
 class RayBackend:
@@ -67,6 +103,7 @@ class RayBackend:
         self._connected = False
         self._ctx = None
         self._inbox = None
+        self.log = lambda line: print(line, file=sys.stderr, flush=True)
         self.worker_reports: dict[str, list[dict]] = {}  # per stage, each worker's figures of its last run
 
     def open(self, ctx: JobContext) -> None:
@@ -78,7 +115,7 @@ class RayBackend:
 
     def _connect(self) -> None:
         if not self._connected:
-            connect(self.rc.address, self.rc.num_cpus)
+            connect(self.rc.address, self.rc.num_cpus, log_to_driver=self.rc.verbose)
             check_job(self.cfg)  # a request the cluster cannot meet fails here, not as a hang in Train
             self._connected = True
 
@@ -102,7 +139,8 @@ class RayBackend:
             ),
         )
         try:
-            trainer.fit()
+            with _Relay(self._inbox, self.log):
+                trainer.fit()
         except ray.train.TrainingFailedError as exc:
             root = exc
             while getattr(root, "__cause__", None) is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 
@@ -19,14 +20,15 @@ def connect(address: str | None = None, num_cpus: int | None = None, *, log_to_d
     if ray.is_initialized():
         return "connected"
     address = address or os.environ.get("RAY_ADDRESS")
+    level = logging.INFO if log_to_driver else logging.ERROR  # quiet: raykfe's lines only (ray.verbose)
     if address:
         _check_reachable(address)
     try:
         if address:
-            ray.init(address=address, log_to_driver=log_to_driver)
+            ray.init(address=address, log_to_driver=log_to_driver, logging_level=level)
             return address
         ray.init(address="local", num_cpus=num_cpus or max(4, os.cpu_count() or 1), include_dashboard=False,
-                 log_to_driver=log_to_driver)
+                 log_to_driver=log_to_driver, logging_level=level)
         return "local"
     except ConnectionError as exc:
         raise ConfigError(f"cannot reach the Ray cluster at {address!r} ({str(exc).splitlines()[0]}): check ray.address / RAY_ADDRESS or start it with 'ray start --head'") from None

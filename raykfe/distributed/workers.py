@@ -118,6 +118,13 @@ def _leave(config: dict, key: str, value) -> None:
     ray.get(config["inbox"].put.remote(key, value))
 
 
+def _say(config: dict, line: str) -> None:
+    """One console line for the user: printed here (the worker's log file) and relayed through the
+    inbox to the driver, which prints it once (Ray's own log forwarding is off by default)."""
+    print(line, flush=True)
+    config["inbox"].say.remote(line)
+
+
 def _shard_batches(ctx, rank: int, world: int, splits, fault: dict | None, stage: str, max_batches: int | None = None):
     """This worker's shard of the statistics data, as batches: of the first ``n`` training examples
     (``n`` capped by ``max_batches``, else ``stats.max_batches``, times the batch size; nothing
@@ -157,7 +164,7 @@ def _statistics_run(config: dict, compute, reduce, describe: str):
     if rank == 0:
         _leave(config, stage, result)
         if ctx.progress:
-            print(f"[{stage}] {describe} on {world} workers, pass {seconds:.1f} s", flush=True)
+            _say(config, f"[{stage}] {describe} on {world} workers, pass {seconds:.1f} s")
     ray.train.report({"seconds": seconds})
 
 
@@ -191,12 +198,12 @@ def measure_worker(config: dict) -> None:
     _statistics_run(config, compute, reduce, f"{config['kind']} statistics")
 
 
-def _report_epoch(record: dict, stage: str, epochs: int, show: bool) -> None:
-    """Every worker reports (Ray Train needs equal calls); the chief also prints one line per epoch,
-    which reaches the driver's terminal (a tqdm bar does not survive Ray's log forwarding)."""
+def _report_epoch(config: dict, record: dict, stage: str, epochs: int, show: bool) -> None:
+    """Every worker reports (Ray Train needs equal calls); the chief also says one line per epoch,
+    which the driver prints (:func:`_say`)."""
     if show:
         val = f" val_acc {record['val_acc']:.4f}" if record.get("val_acc") is not None else ""
-        print(f"[{stage}] epoch {record['epoch']}/{epochs} loss {record['loss']:.4f}{val} lr {record['lr']:.3g}", flush=True)
+        _say(config, f"[{stage}] epoch {record['epoch']}/{epochs} loss {record['loss']:.4f}{val} lr {record['lr']:.3g}")
     ray.train.report({k: v for k, v in record.items() if v is not None})
 
 
@@ -229,7 +236,7 @@ def train_worker(config: dict) -> None:
         model, loader, settings, stage, store,
         val_loader=make_loader(splits.val, 256, shuffle=False) if rank == 0 else None,
         device=device, progress=False, chief=rank == 0, before_epoch=before_epoch,
-        on_epoch=lambda rec: _report_epoch(rec, stage, settings.epochs, rank == 0 and ctx.progress),
+        on_epoch=lambda rec: _report_epoch(config, rec, stage, settings.epochs, rank == 0 and ctx.progress),
         unwrap=unwrap, seed=seed * 1009 + rank,
     )
     if rank == 0:
