@@ -201,7 +201,7 @@ class StatisticsPass:
         if self.progress:
             from tqdm.auto import tqdm
 
-            iterator = tqdm(batches, desc=self.desc, total=self.max_batches, leave=False)
+            iterator = tqdm(batches, desc=self.desc, total=self.max_batches, leave=False, disable=None)  # terminal only
         for b, batch in enumerate(iterator):
             if self.max_batches is not None and b >= self.max_batches:
                 break

@@ -43,6 +43,10 @@ def _parser() -> argparse.ArgumentParser:
     co = sub.add_parser("config", help="print the resolved job config")
     co.add_argument("-c", "--config", default=None)
     co.add_argument("overrides", nargs="*")
+    pf = sub.add_parser("profile", help="measure (or complete) the latency table prune.forms=latency chooses forms by")
+    pf.add_argument("-c", "--config", required=True, help="job YAML: its model, input size, device, latency.threads / batch / table")
+    pf.add_argument("overrides", nargs="*", help="key=value overrides, e.g. latency.table=s3://bucket/raykfe/latency")
+    pf.add_argument("--quiet", action="store_true", help="no progress bar")
     rp = sub.add_parser("report", help="print the report of a finished job")
     rp.add_argument("uri")
     sub.add_parser("methods", help="list the pruning methods (prune.method)")
@@ -107,7 +111,7 @@ def _export(args) -> int:
 
 def _overrides(args) -> list[str]:
     overrides = list(args.overrides) + (["progress=false"] if args.quiet else [])
-    overrides += [f"ray.address={args.address}"] if args.address else []
+    overrides += [f"ray.address={args.address}"] if getattr(args, "address", None) else []
     overrides += ["ray.verbose=true"] if getattr(args, "verbose", False) else []
     return overrides + (["runtime=local"] if getattr(args, "local", False) else [])
 
@@ -155,7 +159,16 @@ def _prune(args) -> int:
     return 0
 
 
-_COMMANDS = {"config": _config, "methods": _methods, "report": _report, "export": _export, "sweep": _sweep, "prune": _prune}
+def _profile(args) -> int:
+    from .config import load_config
+    from .profile import profile_job
+
+    cfg = load_config(args.config, _overrides(args))
+    print(profile_job(cfg, log=lambda m: print(m, file=sys.stderr)))
+    return 0
+
+
+_COMMANDS = {"profile": _profile, "config": _config, "methods": _methods, "report": _report, "export": _export, "sweep": _sweep, "prune": _prune}
 
 
 def _run(args) -> int:

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import sys
 import math
 import time
 from dataclasses import dataclass, field
@@ -277,15 +278,26 @@ def plan_from_scores(model: nn.Module, example: torch.Tensor, scored: Mapping[st
     if s.rank == "auto":
         s = dataclasses.replace(s, rank=AUTO_RANKS[0])
     base = count(model, example)
+    forms = s.forms if last else "three"
+    latency = _latency_table(model, metas, s) if forms == "latency" else None
     layers, summary = select(
         {n: (sc.rows, sc.cols) for n, sc in scored.items()}, dict(metas), target, base_params=base.params,
         base_macs=base.macs, max_layer_ratio=s.layer_ratio(rounds), tolerance=s.tolerance,
         entry_scores={n: sc.entries.numpy() for n, sc in scored.items()}, rank=s.rank, normalize=s.normalize,
-        caps=dict(caps) if caps else None, channels=channels, forms=s.forms if last else "three",
+        caps=dict(caps) if caps else None, channels=channels, forms=forms, latency=latency,
     )
     extra = {"removed": summary["removed"], "input_shape": list(example.shape[1:])} if summary["removed"] else {}
     return _plan(get_method(method), parse_target(target), s, base, summary, layers=layers, skipped=dict(skipped),
                  freeze_rotations=s.freeze_rotations, **extra)
+
+
+def _latency_table(model: nn.Module, metas: Mapping[str, dict], s: PruneSettings):
+    """``(table, geometries)`` for ``prune.forms: latency`` (:func:`raykfe.profile.table_for`)."""
+    from .profile import table_for
+
+    return table_for(model, metas, uri=s.latency_table, device=s.latency_device, threads=s.latency_threads,
+                     batch=s.latency_batch, progress=s.progress,
+                     log=(lambda m: print(m, file=sys.stderr, flush=True)) if s.progress else None)
 
 
 class _Clock:

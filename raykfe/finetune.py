@@ -19,6 +19,7 @@ eval and back); :func:`evaluate` leaves it in eval mode.
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
@@ -208,7 +209,7 @@ def train(
             group["scale"] = mine["scale"]
     records: list[dict[str, Any]] = list(history or [])
     model.train()
-    bar = tqdm(range(start_epoch + 1, settings.epochs + 1), desc=desc, disable=not progress, leave=False,
+    bar = tqdm(range(start_epoch + 1, settings.epochs + 1), desc=desc, disable=None if progress else True, leave=False,  # bars on a terminal only
                initial=start_epoch, total=settings.epochs)
     for epoch in bar:
         if before_epoch is not None:
@@ -222,6 +223,10 @@ def train(
             model.train()
         records.append(record)
         bar.set_postfix({"loss": f"{record['loss']:.4f}", **({"val_acc": f"{record['val_acc']:.4f}"} if val_loader else {})})
+        if progress and bar.disable:  # not a terminal (a log file): a plain line per epoch instead of the bar
+            val = f" val_acc {record['val_acc']:.4f}" if val_loader is not None else ""
+            print(f"[{desc}] epoch {epoch}/{settings.epochs} loss {record['loss']:.4f}{val} lr {record['lr']:.3g}",
+                  file=sys.stderr, flush=True)
         if checkpoint is not None:
             checkpoint(epoch, model, optimizer, records)
         if on_epoch is not None:

@@ -102,7 +102,7 @@ def dense_cost(meta: dict) -> tuple[int, int]:
 
 FORMS = ("three", "fold_out", "fold_in")
 #: ``prune.forms``: choose each layer's cheapest exact form, or keep every layer in three layers
-FORM_CHOICES = ("cheapest", "three")
+FORM_CHOICES = ("cheapest", "three", "latency")
 
 
 def allowed_forms(meta: dict) -> tuple[str, ...]:
@@ -439,6 +439,7 @@ def select(
     caps: dict[str, tuple[int, int]] | None = None,
     channels=None,
     forms: str = "three",
+    latency=None,
 ) -> tuple[dict[str, LayerPlan], dict]:
     """Choose the units to remove for ``target``. (Long: the docstring is the selection's contract;
     the body is one ranking and one bisection.)
@@ -456,7 +457,10 @@ def select(
     may be a member of those groups, so the two kinds of unit never change each other's cost.
     ``forms="cheapest"`` counts every layer in its cheapest exact form (:func:`allowed_forms`,
     :func:`kfe_cost`) and records it; a folded side keeps all of its directions (they cost nothing
-    there), so the bisection's units on that side are not really removed.
+    there), so the bisection's units on that side are not really removed. ``forms="latency"``
+    chooses, per layer, the form or the dense layer that is fastest by ``latency = (table,
+    geometries)`` (:mod:`raykfe.profile`; layers without a geometry: by the metric), and the
+    bisection still counts the chosen forms' exact costs in the target's metric.
     Returns the layer plans and a summary ``{target, achieved, within_tolerance, units_removed,
     units_total, params, macs, removed}`` (``removed``: the channel units, by group).
     """
@@ -471,7 +475,7 @@ def select(
     if graph is not None:
         units = units.merged(graph.eligible_units(channels[1], metric, max_layer_ratio, channels[2], rank, normalize))
     forms = "three" if tgt.kind == "directions" else forms  # the paper's ratio counts directions, not cost
-    ev = _Evaluator(metas, names, units, graph, np.array([base_params, base_macs], dtype=np.int64), metric, forms)
+    ev = _Evaluator(metas, names, units, graph, np.array([base_params, base_macs], dtype=np.int64), metric, forms, latency)
 
     def reduction(k: int) -> float:
         """Monotone non-decreasing in k: more removed units never make a layer larger."""
@@ -504,11 +508,16 @@ class _Evaluator:
     layer in its cheapest form (a pruned form or dense, by the target's metric), the channel groups
     of a hybrid plan through the graph's cost model (the two never change each other's cost)."""
 
-    def __init__(self, metas, names, units: _Units, graph, base: np.ndarray, metric: int, forms: str = "three") -> None:
+    def __init__(self, metas, names, units: _Units, graph, base: np.ndarray, metric: int, forms: str = "three",
+                 latency=None) -> None:
         self.metas, self.names, self.units, self.graph, self.base, self.metric = metas, names, units, graph, base, metric
         if forms not in FORM_CHOICES:
-            raise ConfigError(f"prune.forms={forms!r} is not known: use 'cheapest' (each layer's cheapest exact form) or 'three'")
-        self.forms = forms
+            raise ConfigError(f"prune.forms={forms!r} is not known: use 'cheapest' (each layer's cheapest exact form), "
+                              "'latency' (the fastest by a measured latency table) or 'three'")
+        if forms == "latency" and latency is None:
+            raise ConfigError("prune.forms='latency' needs a latency table (raykfe.profile.table_for)")
+        self.forms, self.latency = forms, latency
+        self._fastest: dict[tuple, str] = {}
         self.dense = {n: dense_cost(metas[n]) for n in names}
         self.dense_total = np.array([sum(self.dense[n][i] for n in names) for i in range(2)], dtype=np.int64)
 
@@ -516,10 +525,22 @@ class _Evaluator:
         """``("dense", cost)`` or ``(form, cost)``: the cheapest form in the target's metric (ties:
         fewer layers, then parameters), when it is cheaper than the dense layer."""
         m = self.metas[name]
-        forms = allowed_forms(m) if self.forms == "cheapest" else ("three",)
+        if self.forms == "latency" and name in self.latency[1]:
+            form = self._by_latency(name, r_in, r_out)
+            return (form, self.dense[name]) if form == "dense" else (form, kfe_cost(m, r_in, r_out, form))
+        forms = allowed_forms(m) if self.forms != "three" else ("three",)
         costs = {f: kfe_cost(m, r_in, r_out, f) for f in forms}
         form = min(forms, key=lambda f: (costs[f][self.metric], f == "three", costs[f][1 - self.metric]))
         return (form, costs[form]) if costs[form][self.metric] < self.dense[name][self.metric] else ("dense", self.dense[name])
+
+    def _by_latency(self, name: str, r_in: int, r_out: int) -> str:
+        """The form (or ``"dense"``) whose time in the latency table is least (ties: fewer layers)."""
+        key = (name, r_in, r_out)
+        if key not in self._fastest:
+            table, geos = self.latency
+            forms = ("dense", *allowed_forms(self.metas[name]))
+            self._fastest[key] = min(forms, key=lambda f: (table.layer_ms(geos[name], r_in, r_out, f), f == "three"))
+        return self._fastest[key]
 
     def outcome(self, k: int) -> tuple[np.ndarray, int]:
         """(params, MACs) of the whole model and the units really removed (a layer left dense

@@ -63,7 +63,11 @@ class PruneSettings:
     * ``forms``: ``"cheapest"`` builds each pruned KFE layer in its cheapest exact form in the
       target's metric (three layers, or a rotation folded into the core: ALGORITHMS.md s. 11), and
       the selection counts that form; ``"three"`` keeps every pruned layer in three layers (earlier
-      steps and rounds always do: the next one prunes their cores);
+      steps and rounds always do: the next one prunes their cores); ``"latency"`` builds each in
+      the form, or leaves it dense, that is fastest by a latency table measured on
+      ``latency_device`` with ``latency_threads`` threads at batch ``latency_batch``, read from and
+      completed under ``latency_table`` (a directory or object-storage URI; None: kept in memory
+      for this process) (:mod:`raykfe.profile`);
     * ``progress``: progress bars on the statistics passes.
     """
 
@@ -87,6 +91,10 @@ class PruneSettings:
     hybrid: bool = True
     ekfac: bool = False
     forms: str = "cheapest"
+    latency_table: str | None = None
+    latency_batch: int = 32
+    latency_threads: int | None = None
+    latency_device: str = "cpu"
     progress: bool = False
 
     def __post_init__(self) -> None:
@@ -109,7 +117,10 @@ class PruneSettings:
             ("rank", self.rank in (None, "cost", "score", "auto"),
              "use 'cost' (loss per MAC / parameter saved), 'score', or 'auto' (the one whose pruned model fits better)"),
             ("normalize", self.normalize in (None, "none", "mean"), "use 'none' or 'mean'"),
-            ("forms", self.forms in ("cheapest", "three"), "use 'cheapest' (each layer's cheapest exact form) or 'three'"),
+            ("forms", self.forms in ("cheapest", "three", "latency"),
+             "use 'cheapest' (each layer's cheapest exact form), 'latency' (the fastest, measured) or 'three'"),
+            ("latency_batch", self.latency_batch >= 1, "use a positive batch size"),
+            ("latency_threads", self.latency_threads is None or self.latency_threads >= 1, "use a positive thread count or None"),
         ]
         for key, ok, fix in checks:
             if not ok:
@@ -149,6 +160,8 @@ class PruneSettings:
             freeze_rotations=p.freeze_rotations, seed=cfg.seed, max_batches=s.max_batches,
             max_factor_dim=s.max_factor_dim, damping=p.damping, rounds=p.rounds, round_epochs=p.round_epochs,
             steps=p.steps, recalibrate_batches=p.recalibrate_batches, rank=p.rank, normalize=p.normalize, hybrid=p.hybrid,
-            ekfac=p.ekfac, forms=p.forms,
+            ekfac=p.ekfac, forms=p.forms, latency_table=cfg.latency.table,
+            latency_batch=cfg.latency.batch or max(cfg.latency.batches), latency_threads=cfg.latency.threads,
+            latency_device="cuda" if str(cfg.device).startswith("cuda") else "cpu",
             progress=cfg.progress,
         )
