@@ -168,7 +168,7 @@ def _deploy_cells(model, pruned, example, repeats: int) -> list[str]:
 def _prune_row(arch: str, model, batches, example, method: str, repeats: int, deploy: bool = False):
     t0 = time.perf_counter()
     name, _, opts = method.partition(":")  # e.g. "eigendamage:forms=three;rank=score"
-    kw = dict(kv.split("=", 1) for kv in opts.split(";") if kv)
+    kw = {k: int(v) if v.isdigit() else v for k, v in (kv.split("=", 1) for kv in opts.split(";") if kv)}
     res = raykfe.prune(model, batches, method=name, target="flops:0.5", example_input=example, **kw)
     secs = time.perf_counter() - t0
     base, pruned = count(model, example), count(res.model, example)

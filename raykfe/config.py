@@ -181,6 +181,9 @@ class PruneConfig:
             raise ConfigError(f"{p}.target: {exc}") from None
         _check(tgt.kind != "directions" or METHODS[self.method].space == "kfe", f"{p}.target", self.target,
                f"directions:F counts eigen-directions; {self.method} removes channels: use params:F or flops:F")
+        _check(tgt.kind != "latency" or (METHODS[self.method].space == "kfe" and self.n_rounds == 1 and self.steps == 1),
+               f"{p}.target", self.target, "latency:F is met by one-shot eigendamage for now: use flops:F, or "
+               "prune.method=eigendamage with steps 1")
         _check(tgt.kind != "directions" or self.n_rounds == 1, f"{p}.target", self.target,
                "iterative rounds aim at params:F or flops:F")
         _check(self.max_layer_ratio is None or 0 < self.max_layer_ratio <= 1, f"{p}.max_layer_ratio",

@@ -216,6 +216,9 @@ def _check(method: Method, target: Target, rounds: int, settings: PruneSettings,
     if target.kind == "directions" and method.space != "kfe":
         raise ConfigError(f"target {target} counts eigen-directions, which only the KFE methods have: "
                           f"use 'params:F' or 'flops:F' with {method.name}")
+    if target.kind == "latency" and (method.space != "kfe" or rounds > 1):
+        raise ConfigError(f"target {target} is measured time, which the one-shot KFE methods (eigendamage) meet "
+                          f"for now: use flops:F with {method.name}" + (" and one step" if rounds > 1 else ""))
     if target.kind == "directions" and rounds > 1:
         raise ConfigError("rounds and steps need a params:F or flops:F target (directions:F is one-pass only)")
     if method.rounds > 1 and settings.steps > 1:
@@ -267,7 +270,8 @@ def check_counts(model: nn.Module, plan: Plan, example: torch.Tensor, what: str 
 def plan_from_scores(model: nn.Module, example: torch.Tensor, scored: Mapping[str, LayerScores], metas: Mapping[str, dict],
                      target: "str | Target", skipped: Mapping[str, str], *, method: str,
                      settings: PruneSettings | None = None, rounds: int = 1,
-                     caps: Mapping[str, tuple[int, int]] | None = None, channels=None, last: bool = True) -> Plan:
+                     caps: Mapping[str, tuple[int, int]] | None = None, channels=None, last: bool = True,
+                     latency=None) -> Plan:
     """The KFE plan of already-scored layers for ``target``: the global selection
     (:func:`raykfe.plan.select`) with the model's exact counts; ``channels`` adds the channel
     units of a hybrid plan to it (``(graph, {group: scores}, caps)``). Layers take their cheapest
@@ -279,7 +283,8 @@ def plan_from_scores(model: nn.Module, example: torch.Tensor, scored: Mapping[st
         s = dataclasses.replace(s, rank=AUTO_RANKS[0])
     base = count(model, example)
     forms = s.forms if last else "three"
-    latency = _latency_table(model, metas, s) if forms == "latency" else None
+    if latency is None and forms == "latency":
+        latency = _latency_table(model, metas, s)
     layers, summary = select(
         {n: (sc.rows, sc.cols) for n, sc in scored.items()}, dict(metas), target, base_params=base.params,
         base_macs=base.macs, max_layer_ratio=s.layer_ratio(rounds), tolerance=s.tolerance,
@@ -289,6 +294,73 @@ def plan_from_scores(model: nn.Module, example: torch.Tensor, scored: Mapping[st
     extra = {"removed": summary["removed"], "input_shape": list(example.shape[1:])} if summary["removed"] else {}
     return _plan(get_method(method), parse_target(target), s, base, summary, layers=layers, skipped=dict(skipped),
                  freeze_rotations=s.freeze_rotations, **extra)
+
+
+LATENCY_PROBES = 6  # plans built and timed end to end at most, to meet a latency:F target
+LATENCY_REPEATS = 7  # timed passes per model and probe (median, base and pruned interleaved)
+
+
+def latency_plan(model: nn.Module, example: torch.Tensor, scored: Mapping[str, LayerScores], metas: Mapping[str, dict],
+                 target: Target, skipped: Mapping[str, str], *, method: str, settings: PruneSettings, channels=None) -> Plan:
+    """The plan for ``latency:F``: removes the fraction F of the model's MEASURED time at
+    ``settings.latency_batch`` on ``settings.latency_device``. The selection predicts it with the
+    latency table (:meth:`raykfe.plan._Evaluator.latency_reduction`, forms chosen by the table);
+    the rebuilt model is then timed end to end against the base, interleaved, and a miss beyond
+    ``settings.tolerance`` is corrected by moving the predicted fraction asked of the selection (a
+    secant step, kept inside the bracket of fractions known to undershoot and overshoot) for at
+    most :data:`LATENCY_PROBES` plans. The plan keeps the smallest probe that met F as measured
+    (else the one that came closest); its summary's ``achieved`` is the measured fraction and its
+    step record the timings (``latency``)."""
+    from .latency import latency_profile
+    from .surgery import apply_plan
+
+    if channels is not None:
+        raise ConfigError(f"target {target}: latency targets do not cover channel units (hybrid plans of grouped / "
+                          "depthwise convs) yet: use flops:F, or prune.hybrid=false")
+    s = (settings or PruneSettings()).for_method(get_method(method))
+    table, geos = _latency_table(model, metas, s)
+    gpu = "cuda" if s.latency_device.startswith("cuda") else None
+    where, batch = ("cuda" if gpu else "cpu"), s.latency_batch
+
+    def timed(models: dict) -> dict:
+        prof = latency_profile(models, example[:1], batches=(batch,), repeats=LATENCY_REPEATS, threads=s.latency_threads, gpu=gpu)
+        return {k: v[where][str(batch)] for k, v in prof.items()}
+
+    base_ms = timed({"base": model})["base"]
+    weights = {n: (sc.basis.QA, sc.basis.QS, sc.w_kfe) for n, sc in scored.items()}
+    F, tol, f, lo, hi = target.fraction, s.tolerance, target.fraction, 0.0, 1.0
+    probes: list[tuple[float, float, float, Plan, dict]] = []  # (asked, measured, predicted, plan, ms)
+    for _ in range(LATENCY_PROBES):
+        try:
+            plan = plan_from_scores(model, example, scored, metas, Target("latency", f), skipped, method=method,
+                                    settings=s, latency=(table, geos, base_ms))
+        except ConfigError:  # the table says f is out of reach: look lower
+            hi = f
+            f = (lo + hi) / 2
+            continue
+        ms = timed({"base": model, "pruned": apply_plan(model, plan, weights)})
+        m = 1.0 - ms["pruned"] / ms["base"]
+        probes.append((f, m, plan.summary.achieved, plan, ms))
+        if F <= m <= F + tol:
+            break
+        if m < F:
+            lo = max(lo, f)
+            nxt = f + (F - m)
+        else:
+            hi = min(hi, f)
+            nxt = f - (m - F)
+        f = nxt if lo < nxt < hi else (lo + hi) / 2
+        f = min(max(f, 1e-4), 1 - 1e-4)
+    if not probes:
+        raise ConfigError(f"target {target} is unreachable: the latency table predicts less even at every layer's "
+                          "cap; lower the target or raise prune.max_layer_ratio")
+    met = [p for p in probes if p[1] >= F]
+    asked, m, predicted, plan, ms = min(met, key=lambda p: p[0]) if met else max(probes, key=lambda p: p[1])
+    record = {"latency": {"batch": batch, "device": where, "threads": s.latency_threads or torch.get_num_threads(),
+                          "base_ms": ms["base"], "pruned_ms": ms["pruned"], "measured": m, "predicted": predicted,
+                          "asked": asked, "probes": [[p[0], p[1]] for p in probes]}}
+    summary = dataclasses.replace(plan.summary, target=str(target), achieved=float(m), within_tolerance=bool(abs(m - F) <= tol))
+    return dataclasses.replace(plan, target=str(target), summary=summary, steps=[record])
 
 
 def _latency_table(model: nn.Module, metas: Mapping[str, dict], s: PruneSettings):
@@ -381,7 +453,8 @@ class _Run:
         if self.settings.rank != "auto":
             plan = self.space.select(current, scored, target, r, self.settings)
             self.source.keep_plan(stage, plan)
-            return plan, self.space.apply(current, plan, scored), {}, False
+            choice = dict(plan.steps[0]) if plan.steps else {}  # e.g. a latency plan's timings
+            return dataclasses.replace(plan, steps=[]), self.space.apply(current, plan, scored), choice, False
         tried = {}
         for rank in AUTO_RANKS:
             plan = self.space.select(current, scored, target, r, dataclasses.replace(self.settings, rank=rank))
@@ -390,7 +463,9 @@ class _Run:
             tried[rank] = (self.source.fit_loss(model), plan, model)
         rank = min(tried, key=lambda k: tried[k][0])
         _, plan, model = tried[rank]
-        choice = {"rank": rank, "candidate_losses": {k: v[0] for k, v in tried.items()}}
+        choice = {**(plan.steps[0] if plan.steps else {}), "rank": rank,
+                  "candidate_losses": {k: v[0] for k, v in tried.items()}}
+        plan = dataclasses.replace(plan, steps=[])
         self.source.keep_plan(stage, dataclasses.replace(plan, steps=[choice]))
         return plan, model, choice, True
 
@@ -499,6 +574,9 @@ class _KfeSpace:
                 {g.name: (g.size,) for g in scored.graph.groups if g.name in self.groups},
                 {g.name: (g.size,) for g in self.graph.groups}).items()}
             channels = (scored.graph, scored.channel_scores, chan_caps)
+        if target.kind == "latency":
+            return latency_plan(current, run.example, scored.scores, metas, target, self.skipped, method=run.method.name,
+                                settings=settings, channels=channels)
         return plan_from_scores(current, run.example, scored.scores, metas, target, self.skipped, method=run.method.name,
                                 settings=settings, rounds=run.rounds if run.iterative else 1, caps=caps, channels=channels,
                                 last=r == run.rounds)

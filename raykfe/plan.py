@@ -53,7 +53,7 @@ __all__ = [
 ]
 
 PLAN_FORMAT = 3  # 3: LayerPlan.form (format 2 plans are all three-layer)
-TARGET_KINDS = ("params", "flops", "directions")
+TARGET_KINDS = ("params", "flops", "directions", "latency")
 
 
 @dataclass(frozen=True)
@@ -69,7 +69,7 @@ def parse_target(target: "str | Target") -> Target:
     """``'flops:0.5'`` -> ``Target('flops', 0.5)``; a one-line ConfigError otherwise."""
     if isinstance(target, Target):
         return target
-    fix = "write it as 'params:F', 'flops:F' or 'directions:F' with 0 < F < 1, e.g. 'flops:0.5'"
+    fix = "write it as 'params:F', 'flops:F', 'latency:F' or 'directions:F' with 0 < F < 1, e.g. 'flops:0.5'"
     if not isinstance(target, str) or target.count(":") != 1:
         raise ConfigError(f"target {target!r} is malformed: {fix}")
     kind, _, value = target.partition(":")
@@ -467,7 +467,14 @@ def select(
     tgt = parse_target(target)
     if not (0.0 < max_layer_ratio <= 1.0):
         raise ConfigError(f"prune.max_layer_ratio={max_layer_ratio} must be in (0, 1]")
-    metric = 1 if tgt.kind == "flops" else 0  # index into (params, macs)
+    metric = 1 if tgt.kind in ("flops", "latency") else 0  # index into (params, macs); latency ranks by MACs
+    if tgt.kind == "latency":
+        if latency is None or len(latency) != 3:
+            raise ConfigError(f"target {tgt} needs a latency table and the base model's measured time (raykfe.profile)")
+        if channels is not None:
+            raise ConfigError(f"target {tgt}: latency targets do not cover channel units (hybrid plans of grouped / "
+                              "depthwise convs) yet: use flops:F, or prune.hybrid=false")
+        forms = "latency"
     names = list(scores)
     units = _eligible(scores, metas, names, None if tgt.kind == "directions" else metric, max_layer_ratio, caps, rank,
                       normalize)
@@ -482,6 +489,8 @@ def select(
         tot, gone = ev.outcome(k)
         if tgt.kind == "directions":
             return gone / units.total if units.total else 0.0
+        if tgt.kind == "latency":
+            return ev.latency_reduction(k)
         return 1.0 - tot[metric] / ev.base[metric]
 
     n = units.layer.size
@@ -537,18 +546,42 @@ class _Evaluator:
         """The form (or ``"dense"``) whose time in the latency table is least (ties: fewer layers)."""
         key = (name, r_in, r_out)
         if key not in self._fastest:
-            table, geos = self.latency
+            table, geos = self.latency[:2]
             forms = ("dense", *allowed_forms(self.metas[name]))
             self._fastest[key] = min(forms, key=lambda f: (table.layer_ms(geos[name], r_in, r_out, f), f == "three"))
         return self._fastest[key]
+
+    def latency_reduction(self, k: int) -> float:
+        """The fraction of the model's time the k first units save, predicted by the latency table
+        ``(table, geometries, base_ms)``: the timed layers' forms against their dense times, the
+        rest of the model (``base_ms`` minus the dense layers' table times) unchanged."""
+        table, geos, base_ms = self.latency
+        c = self._counts(k)
+        dense = now = 0.0
+        for li, name in enumerate(self.names):
+            if name not in geos:
+                continue
+            g, m = geos[name], self.metas[name]
+            r_in, r_out = m["d_in"] - c[li, 1], m["d_out"] - c[li, 0]
+            d = table.layer_ms(g, g.c_in, g.c_out, "dense")
+            dense += d
+            form, _ = self.layer_choice(name, r_in, r_out)
+            now += d if form == "dense" else table.layer_ms(g, r_in, r_out, form)
+        rest = max(base_ms - dense, 0.0)
+        return 1.0 - (rest + now) / (rest + dense) if rest + dense > 0 else 0.0
+
+    def _counts(self, k: int) -> np.ndarray:
+        lay, ax = self.units.layer[:k], self.units.axis[:k]
+        c = np.zeros((len(self.names), 2), dtype=np.int64)
+        np.add.at(c, (lay[ax < 2], ax[ax < 2]), 1)
+        return c
 
     def outcome(self, k: int) -> tuple[np.ndarray, int]:
         """(params, MACs) of the whole model and the units really removed (a layer left dense
         keeps all of its own directions; a folded form keeps every direction on its folded side,
         which costs nothing there)."""
         lay, ax = self.units.layer[:k], self.units.axis[:k]
-        c = np.zeros((len(self.names), 2), dtype=np.int64)
-        np.add.at(c, (lay[ax < 2], ax[ax < 2]), 1)
+        c = self._counts(k)
         gone = int((ax == 2).sum())
         tot = self.base
         if self.graph is not None:

@@ -23,6 +23,16 @@ from test_cli import run_cli
 from test_forms import CONVS, DT, _random_kfe
 
 
+@pytest.fixture(autouse=True)
+def _fresh_memory():
+    """Each test starts with no table in the process's memory (tables saved without a URI)."""
+    import raykfe.profile as prof
+
+    prof._MEMORY.clear()
+    yield
+    prof._MEMORY.clear()
+
+
 def _recorded(module: nn.Module, x: torch.Tensor) -> list[tuple]:
     """(signature, c_in, c_out) of every Conv2d / Linear the module runs, in order, from hooks."""
     seen = []
@@ -172,3 +182,68 @@ def test_profile_cli_stores_and_reuses(tmp_path):
     assert again.returncode == 0 and "0 width pairs timed now" in again.stdout
     bad = run_cli("profile", "-c", "jobs/digits.yaml", "latency.batch=0")
     assert bad.returncode == 2 and "latency.batch" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def _vgg_setup():
+    torch.manual_seed(0)
+    model = build_model("vgg_small", 10).eval()
+    batches = [(torch.randn(16, 3, 16, 16), torch.randint(0, 10, (16,))) for _ in range(2)]
+    x = batches[0][0][:1]
+    metas = layer_metas(model, x, prunable_layers(model, x)[0])
+    return model, batches, x, metas, geometries(model, metas)
+
+
+def _launch_cost(sig, ci, co):
+    hw = sig[-1] * sig[-2]
+    return (5.0 if sig[1] == 1 else 0.1) + 1e-5 * ci * co * sig[1] * sig[2] * hw
+
+
+def test_latency_target_prediction_is_the_tables_sum():
+    """The selection's predicted fraction for latency:F is 1 - (rest + sum of the chosen forms'
+    table times) / (rest + sum of the dense times), rest = the base's time minus the dense sum;
+    the target is met as predicted."""
+    from raykfe.counting import count
+    from raykfe.plan import select
+
+    model, batches, x, metas, geos = _vgg_setup()
+    table = _bilinear_table(needed_signatures(geos), _launch_cost)
+    rng = np.random.default_rng(0)
+    scores = {n: (rng.random(metas[n]["d_out"]), rng.random(metas[n]["d_in"])) for n in metas}
+    base = count(model, x)
+    dense = sum(table.layer_ms(g, g.c_in, g.c_out, "dense") for g in geos.values())
+    base_ms = dense + 10.0  # the rest of the model: pooling, BatchNorm, the classifier
+    layers, summary = select(scores, metas, "latency:0.3", base_params=base.params, base_macs=base.macs,
+                             latency=(table, geos, base_ms))
+    now = sum(table.layer_ms(geos[n], lp.r_in, lp.r_out, lp.form) if lp.action == "kfe"
+              else table.layer_ms(geos[n], geos[n].c_in, geos[n].c_out, "dense") for n, lp in layers.items() if n in geos)
+    rest = base_ms - dense
+    assert summary["achieved"] == pytest.approx(1 - (rest + now) / (rest + dense), rel=1e-9)
+    assert summary["achieved"] >= 0.3
+
+
+def test_latency_target_is_measured_and_reported():
+    """latency:F builds plans, times each against the base end to end, and keeps the measured
+    figure: the plan's achieved fraction is 1 - pruned / base of its step record (no threshold on
+    the timings themselves: the machine is shared)."""
+    from raykfe.engine import LATENCY_PROBES
+
+    model, batches, x, metas, geos = _vgg_setup()
+    res = raykfe.prune(model, batches, target="latency:0.3", latency_batch=4, latency_threads=1, rank="score")
+    rec = res.plan.steps[0]["latency"]
+    assert res.plan.target == "latency:0.3" and rec["batch"] == 4 and rec["device"] == "cpu"
+    assert res.plan.summary.achieved == pytest.approx(1 - rec["pruned_ms"] / rec["base_ms"])
+    assert rec["measured"] == res.plan.summary.achieved and 1 <= len(rec["probes"]) <= LATENCY_PROBES
+    met = [a for a, m in rec["probes"] if m >= 0.3]
+    assert rec["asked"] == (min(met) if met else max(rec["probes"], key=lambda p: p[1])[0])
+    assert rec["predicted"] >= rec["asked"]  # the selection met the fraction it was asked for, as predicted
+    assert res.plan.summary.within_tolerance == (abs(rec["measured"] - 0.3) <= 0.02)
+
+
+@pytest.mark.parametrize("kw,needle", [
+    ({"method": "c-obd"}, "one-shot KFE methods"),
+    ({"steps": 2}, "one step"),
+])
+def test_latency_target_refusals(kw, needle):
+    model, batches, *_ = _vgg_setup()
+    with pytest.raises(raykfe.ConfigError, match=needle):
+        raykfe.prune(model, batches, target="latency:0.3", **kw)
