@@ -323,6 +323,9 @@ def _quality(plan: Plan) -> dict:
     measured = [st for st in steps if "actual_dloss" in st]
     out = {"predicted_dloss": None if any(st.get("predicted_dloss") is None for st in steps)
            else float(sum(st["predicted_dloss"] for st in steps))}
+    timed = [st["latency"] for st in steps if "latency" in st]
+    if timed:  # a latency:F target: the figure it was met by, measured
+        out["latency_target"] = timed[-1]
     if measured:
         out.update(val_loss_base=measured[0]["loss_before"], val_loss_pruned=measured[-1]["loss"],
                    val_acc_pruned=measured[-1]["accuracy"], measured_dloss=float(sum(st["actual_dloss"] for st in measured)))

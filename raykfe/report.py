@@ -161,6 +161,15 @@ def job_table(metrics: dict, *, markdown: bool = False) -> str:
         table += (f"\nright after pruning (BatchNorm recalibrated): validation loss {q['val_loss_pruned']:.4f} (base "
                   f"{q['val_loss_base']:.4f}), accuracy {100 * q['val_acc_pruned']:.2f}%; loss increase measured "
                   f"{q['measured_dloss']:.3g}, predicted by the scores {pred}")
+    if "latency_target" in q:
+        t = q["latency_target"]
+        table += (f"\nlatency target: measured {t['base_ms']:.2f} ms -> {t['pruned_ms']:.2f} ms at batch {t['batch']} on "
+                  f"{t['device']} ({t['threads']} threads), {100 * t['measured']:.1f}% removed (the latency table "
+                  f"predicted {100 * t['predicted']:.1f}%; {len(t['probes'])} plan(s) timed)")
+        asked = float(str(metrics["target"]).partition(":")[2] or 0)
+        if t["measured"] < asked:
+            table += (f"; target {metrics['target']} missed: the layers' forms cannot save more of this model's time at this "
+                      "batch (most of it is elsewhere); lower the target or use flops:F")
     if metrics.get("latency"):
         table += "\n\n" + latency_table(metrics["latency"], markdown=markdown)
     t = metrics.get("timings", {})
