@@ -12,7 +12,7 @@ A job file has the sections below (every key optional, defaults shown by ``raykf
     stats:    {fisher, conv_mode, batch_size, max_batches, max_factor_dim}
     prune:    {method, target, max_layer_ratio, include_classifier, exclude, tolerance, freeze_rotations,
                rounds, round_epochs, damping, steps, recalibrate_batches, recalibrate_on, rank, normalize,
-               hybrid, ekfac, forms}
+               hybrid, ekfac, forms, round_to}
     sparsity: {epochs, lr, ..., bn_l1}  # network slimming's sparsity training (prune.method=slimming)
     finetune: {epochs, lr, momentum, weight_decay, milestones, batch_size, bn_l1}
     output:   {uri, overwrite}
@@ -170,6 +170,7 @@ class PruneConfig:
     hybrid: bool = True  # KFE methods remove channels of the groups coupled to depthwise / grouped convs
     ekfac: bool = False  # KFE scores from the measured second moments in the eigenbasis (EKFAC)
     forms: str = "cheapest"  # pruned KFE layers in their cheapest exact form, or "three" layers
+    round_to: int | None = None  # kept directions a multiple of this (null: 1 on CPU, 8 on a GPU)
 
     def validate(self, p: str) -> None:
         from .methods import METHODS
@@ -205,6 +206,8 @@ class PruneConfig:
         _check(self.forms in ("cheapest", "three", "latency"), f"{p}.forms", self.forms,
                "use cheapest (each pruned layer's cheapest exact form by MACs), latency (the fastest by a measured "
                "table, latency.table) or three (three layers)")
+        _check(self.round_to is None or self.round_to >= 1, f"{p}.round_to", self.round_to,
+               "use 1 (no rounding), a width such as 8, or null (1 on CPU, 8 on a GPU)")
         _check(self.rank in (None, "cost", "score", "auto"), f"{p}.rank", self.rank, "use cost, score or auto, or null")
         _check(self.normalize in (None, "none", "mean"), f"{p}.normalize", self.normalize, "use none or mean, or null")
 

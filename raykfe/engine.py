@@ -290,6 +290,7 @@ def plan_from_scores(model: nn.Module, example: torch.Tensor, scored: Mapping[st
         base_macs=base.macs, max_layer_ratio=s.layer_ratio(rounds), tolerance=s.tolerance,
         entry_scores={n: sc.entries.numpy() for n, sc in scored.items()}, rank=s.rank, normalize=s.normalize,
         caps=dict(caps) if caps else None, channels=channels, forms=forms, latency=latency,
+        round_to=s.round_to if last else 1,
     )
     extra = {"removed": summary["removed"], "input_shape": list(example.shape[1:])} if summary["removed"] else {}
     return _plan(get_method(method), parse_target(target), s, base, summary, layers=layers, skipped=dict(skipped),

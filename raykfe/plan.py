@@ -335,6 +335,14 @@ def _upgrade_v1(d: dict) -> dict:
 # --------------------------------------------------------------------------------------------
 
 
+def rounded(kept: int, full: int, round_to: int) -> int:
+    """``kept`` directions rounded UP to a multiple of ``round_to`` (never past ``full``): widths
+    that vector units and GEMM tiles like (``prune.round_to``); 1 leaves them as they are."""
+    if round_to <= 1 or kept <= 0:
+        return kept
+    return min(full, -(-kept // round_to) * round_to)
+
+
 def smallest_meeting(reduction, n: int, fraction: float) -> int:
     """The smallest k in [0, n] with ``reduction(k) >= fraction``, by bisection (``reduction`` is
     non-decreasing in k: removing more units never makes the model larger)."""
@@ -440,6 +448,7 @@ def select(
     channels=None,
     forms: str = "three",
     latency=None,
+    round_to: int = 1,
 ) -> tuple[dict[str, LayerPlan], dict]:
     """Choose the units to remove for ``target``. (Long: the docstring is the selection's contract;
     the body is one ranking and one bisection.)
@@ -460,7 +469,9 @@ def select(
     there), so the bisection's units on that side are not really removed. ``forms="latency"``
     chooses, per layer, the form or the dense layer that is fastest by ``latency = (table,
     geometries)`` (:mod:`raykfe.profile`; layers without a geometry: by the metric), and the
-    bisection still counts the chosen forms' exact costs in the target's metric.
+    bisection still counts the chosen forms' exact costs in the target's metric. ``round_to``
+    rounds every layer's kept directions up to a multiple of it (the bisection removes more units
+    elsewhere to meet the target).
     Returns the layer plans and a summary ``{target, achieved, within_tolerance, units_removed,
     units_total, params, macs, removed}`` (``removed``: the channel units, by group).
     """
@@ -482,7 +493,7 @@ def select(
     if graph is not None:
         units = units.merged(graph.eligible_units(channels[1], metric, max_layer_ratio, channels[2], rank, normalize))
     forms = "three" if tgt.kind == "directions" else forms  # the paper's ratio counts directions, not cost
-    ev = _Evaluator(metas, names, units, graph, np.array([base_params, base_macs], dtype=np.int64), metric, forms, latency)
+    ev = _Evaluator(metas, names, units, graph, np.array([base_params, base_macs], dtype=np.int64), metric, forms, latency, round_to)
 
     def reduction(k: int) -> float:
         """Monotone non-decreasing in k: more removed units never make a layer larger."""
@@ -504,7 +515,7 @@ def select(
     k = smallest_meeting(reduction, n, tgt.fraction)  # a target is met, never undershot
     removed, groups = _split_removed(units, k, names, graph)
     plans = {nm: _layer_plan(nm, metas[nm], removed[nm], ev.layer_choice, ev.dense[nm], scores[nm],
-                             None if entry_scores is None else entry_scores[nm]) for nm in names}
+                             None if entry_scores is None else entry_scores[nm], ev.round_to) for nm in names}
     achieved, (tot, gone) = reduction(k), ev.outcome(k)
     summary = {"target": str(tgt), "achieved": float(achieved), "within_tolerance": bool(achieved - tgt.fraction <= tolerance),
                "units_removed": int(gone), "units_total": int(units.total), "params": int(tot[0]), "macs": int(tot[1]),
@@ -518,7 +529,8 @@ class _Evaluator:
     of a hybrid plan through the graph's cost model (the two never change each other's cost)."""
 
     def __init__(self, metas, names, units: _Units, graph, base: np.ndarray, metric: int, forms: str = "three",
-                 latency=None) -> None:
+                 latency=None, round_to: int = 1) -> None:
+        self.round_to = int(round_to)
         self.metas, self.names, self.units, self.graph, self.base, self.metric = metas, names, units, graph, base, metric
         if forms not in FORM_CHOICES:
             raise ConfigError(f"prune.forms={forms!r} is not known: use 'cheapest' (each layer's cheapest exact form), "
@@ -571,9 +583,16 @@ class _Evaluator:
         return 1.0 - (rest + now) / (rest + dense) if rest + dense > 0 else 0.0
 
     def _counts(self, k: int) -> np.ndarray:
+        """Per layer, the (rows, columns) the k first units remove, after rounding the kept counts
+        up to multiples of ``round_to`` (the units past the rounding stay)."""
         lay, ax = self.units.layer[:k], self.units.axis[:k]
         c = np.zeros((len(self.names), 2), dtype=np.int64)
         np.add.at(c, (lay[ax < 2], ax[ax < 2]), 1)
+        if self.round_to > 1:
+            for li, name in enumerate(self.names):
+                m = self.metas[name]
+                for axis, d in ((0, m["d_out"]), (1, m["d_in"])):
+                    c[li, axis] = d - rounded(d - int(c[li, axis]), d, self.round_to)
         return c
 
     def outcome(self, k: int) -> tuple[np.ndarray, int]:
@@ -610,10 +629,14 @@ def _split_removed(units: _Units, k: int, names: list[str], graph) -> tuple[dict
 
 
 def _layer_plan(name: str, m: dict, removed: tuple[list, list], layer_choice, dense: tuple[int, int], scores,
-                entries: np.ndarray | None) -> LayerPlan:
+                entries: np.ndarray | None, round_to: int = 1) -> LayerPlan:
     """One layer's plan from its removed rows and columns (dense when its chosen form is not
-    smaller), with the predicted loss increase of what it loses."""
-    rows_out, cols_out = set(removed[0]), set(removed[1])
+    smaller), with the predicted loss increase of what it loses. With ``round_to`` the last-ranked
+    removals of a side are kept back until its kept count is a multiple of it."""
+    rows, cols = removed  # in ranking order
+    rows = rows[: m["d_out"] - rounded(m["d_out"] - len(rows), m["d_out"], round_to)]
+    cols = cols[: m["d_in"] - rounded(m["d_in"] - len(cols), m["d_in"], round_to)]
+    rows_out, cols_out = set(rows), set(cols)
     keep_out = [i for i in range(m["d_out"]) if i not in rows_out]
     keep_in = [j for j in range(m["d_in"]) if j not in cols_out]
     form, cost = layer_choice(name, len(keep_in), len(keep_out))

@@ -68,6 +68,9 @@ class PruneSettings:
       ``latency_device`` with ``latency_threads`` threads at batch ``latency_batch``, read from and
       completed under ``latency_table`` (a directory or object-storage URI; None: kept in memory
       for this process) (:mod:`raykfe.profile`);
+    * ``round_to``: every pruned KFE layer keeps a multiple of this many directions on each side
+      it keeps (rounded up; the bisection removes more elsewhere): widths vector units and GEMM
+      tiles like. A job's default is 1 on CPU and 8 on a GPU (BENCHMARKS.md, "round_to");
     * ``progress``: progress bars on the statistics passes.
     """
 
@@ -95,6 +98,7 @@ class PruneSettings:
     latency_batch: int = 32
     latency_threads: int | None = None
     latency_device: str = "cpu"
+    round_to: int = 1
     progress: bool = False
 
     def __post_init__(self) -> None:
@@ -120,6 +124,7 @@ class PruneSettings:
             ("forms", self.forms in ("cheapest", "three", "latency"),
              "use 'cheapest' (each layer's cheapest exact form), 'latency' (the fastest, measured) or 'three'"),
             ("latency_batch", self.latency_batch >= 1, "use a positive batch size"),
+            ("round_to", isinstance(self.round_to, int) and self.round_to >= 1, "use 1 (no rounding) or a width such as 8"),
             ("latency_threads", self.latency_threads is None or self.latency_threads >= 1, "use a positive thread count or None"),
         ]
         for key, ok, fix in checks:
@@ -163,5 +168,6 @@ class PruneSettings:
             ekfac=p.ekfac, forms=p.forms, latency_table=cfg.latency.table,
             latency_batch=cfg.latency.batch or max(cfg.latency.batches), latency_threads=cfg.latency.threads,
             latency_device="cuda" if str(cfg.device).startswith("cuda") else "cpu",
+            round_to=p.round_to or (8 if str(cfg.device).startswith("cuda") else 1),
             progress=cfg.progress,
         )

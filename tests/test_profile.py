@@ -247,3 +247,28 @@ def test_latency_target_refusals(kw, needle):
     model, batches, *_ = _vgg_setup()
     with pytest.raises(raykfe.ConfigError, match=needle):
         raykfe.prune(model, batches, target="latency:0.3", **kw)
+
+
+def test_rounded():
+    from raykfe.plan import rounded
+
+    assert [rounded(k, 30, 8) for k in (0, 1, 8, 9, 23, 24, 25, 30)] == [0, 8, 8, 16, 24, 24, 30, 30]
+    assert all(rounded(k, 30, 1) == k for k in range(31))
+
+
+@pytest.mark.parametrize("n", [4, 8])
+def test_round_to_keeps_multiples_and_meets_the_target(n):
+    """Every side a pruned layer keeps (not folded) holds a multiple of n directions or all of
+    them, in three layers and in the cheapest forms; the target is still met exactly."""
+    model, batches, x, metas, geos = _vgg_setup()
+    for forms in ("three", "cheapest"):
+        res = raykfe.prune(model, batches, target="flops:0.6", round_to=n, rank="score", forms=forms)
+        assert res.plan.summary.achieved >= 0.6
+        for name, lp in res.plan.layers.items():
+            if lp.action != "kfe":
+                continue
+            if lp.form != "fold_in":
+                assert lp.r_in % n == 0 or lp.r_in == lp.d_in, (name, lp.r_in)
+            if lp.form != "fold_out":
+                assert lp.r_out % n == 0 or lp.r_out == lp.d_out, (name, lp.r_out)
+        assert any(lp.action == "kfe" for lp in res.plan.layers.values())
