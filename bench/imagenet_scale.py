@@ -165,11 +165,12 @@ def _deploy_cells(model, pruned, example, repeats: int) -> list[str]:
          f"{o['base']['32']:.0f} / {o['pruned']['32']:.0f}", f"{o['base']['32'] / o['pruned']['32']:.2f}x"]
 
 
-def _prune_row(arch: str, model, batches, example, method: str, repeats: int, deploy: bool = False):
+def _prune_row(arch: str, model, batches, example, method: str, repeats: int, deploy: bool = False,
+               target: str = "flops:0.5"):
     t0 = time.perf_counter()
     name, _, opts = method.partition(":")  # e.g. "eigendamage:forms=three;rank=score"
     kw = {k: int(v) if v.isdigit() else v for k, v in (kv.split("=", 1) for kv in opts.split(";") if kv)}
-    res = raykfe.prune(model, batches, method=name, target="flops:0.5", example_input=example, **kw)
+    res = raykfe.prune(model, batches, method=name, target=target, example_input=example, **kw)
     secs = time.perf_counter() - t0
     base, pruned = count(model, example), count(res.model, example)
     prof = latency_profile({"base": model, "pruned": res.model}, example, batches=(1, 32), repeats=repeats, threads=torch.get_num_threads())
@@ -192,9 +193,9 @@ def latency(args) -> None:
         batches = _batches(args.stat_batches, 8, size, classes)
         example = batches[0][0][:1]
         for method in args.methods.split(","):
-            rows.append(_prune_row(arch, model, batches, example, method, args.repeats, args.deploy))
+            rows.append(_prune_row(arch, model, batches, example, method, args.repeats, args.deploy, args.target))
             print(" | ".join(rows[-1]), file=sys.stderr, flush=True)
-    print(f"### Pruned latency vs MACs at flops:0.5 (CPU, {torch.get_num_threads()} threads, median of {args.repeats} interleaved passes)\n")
+    print(f"### Pruned latency vs MACs at {args.target} (CPU, {torch.get_num_threads()} threads, median of {args.repeats} interleaved passes)\n")
     deploy = ["folded eager b1", "folded eager b32", "ort ms b1 base / pruned", "ort speedup b1", "ort ms b32 base / pruned",
               "ort speedup b32"] if args.deploy else []
     print(format_table(["model", "method", "MACs", "MACs reduction", "params reduction", "ms b1 base / pruned", "speedup b1",
@@ -211,6 +212,7 @@ def main() -> None:
     ap.add_argument("--stat-batches", type=int, default=2)
     ap.add_argument("--archs", default="resnet50,vgg19_bn")
     ap.add_argument("--deploy", action="store_true", help="also BatchNorm folded: eager and onnxruntime speedups")
+    ap.add_argument("--target", default="flops:0.5", help="the prune target of every method, e.g. latency:0.3")
     ap.add_argument("--methods", default="eigendamage,c-obd", help="comma-separated; a method may carry settings, "
                     "eigendamage:forms=three (';' between settings: eigendamage:forms=three;rank=score)")
     args = ap.parse_args()

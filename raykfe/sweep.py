@@ -139,6 +139,9 @@ def run_sweep(cfg: JobConfig, *, log=print) -> dict:
     for m in methods:
         if METHODS[m].space == "channels" and any(t["target"].startswith("directions") for t in grid):
             raise ConfigError(f"sweep.targets has a directions:F target, which {m} cannot use: use params:F or flops:F")
+        if (METHODS[m].space == "channels" or METHODS[m].rounds > 1) and any(t["target"].startswith("latency") for t in grid):
+            raise ConfigError(f"sweep.targets has a latency:F target, which {m} cannot use (one-shot eigendamage only "
+                              "for now): use flops:F, or sweep only eigendamage")
     uri = cfg.output.uri
     if "://" not in uri or uri.startswith("file://"):  # trials run in other working directories
         uri = os.path.abspath(uri[7:] if uri.startswith("file://") else uri)

@@ -40,6 +40,19 @@ def test_targets_expand_and_grid_covers_every_combination():
         load_config("jobs/digits-sweep.yaml", ["sweep.methods=[magic]"])
 
 
+def test_latency_targets_in_a_sweep_only_with_one_shot_kfe_methods(tmp_path):
+    """A latency:F target is accepted for eigendamage; with a channel method the sweep is refused
+    before anything starts or is written."""
+    out = tmp_path / "never"
+    ok = load_config("jobs/digits-sweep.yaml", ["sweep.methods=[eigendamage]", "sweep.targets=[latency:0.2..0.4/2]"])
+    assert {t["target"] for t in trial_grid(ok)} == {"latency:0.2", "latency:0.4"}
+    bad = load_config("jobs/digits-sweep.yaml", ["sweep.methods=[eigendamage,c-obd]", "sweep.targets=[latency:0.3]",
+                                                 f"output.uri={out}"])
+    with pytest.raises(ConfigError, match="latency:F target, which c-obd cannot use"):
+        run_sweep(bad, log=lambda m: None)
+    assert not out.exists()
+
+
 def test_sweep_of_three_targets_shares_statistics_and_writes_front(ray_cluster, tmp_path, monkeypatch):
     job_file = Path("jobs/digits-sweep.yaml").resolve()
     monkeypatch.chdir(tmp_path)  # a RELATIVE output URI: trials run in other working directories
