@@ -44,7 +44,7 @@ from torch import nn
 from .capture import collect_factors, find_layers, layer_metas, prunable_layers
 from .counting import count, layer_counts
 from .eigen import eigenbasis
-from .errors import ConfigError
+from .errors import ConfigError, UnreachableTarget
 from .factors import LayerStats
 from .iterative import compose_plan, merge_round, round_layer_names, round_metas, round_target
 from .recalibrate import apply_bn_sums, bn_sums
@@ -315,9 +315,6 @@ def latency_plan(model: nn.Module, example: torch.Tensor, scored: Mapping[str, L
     from .latency import latency_profile
     from .surgery import apply_plan
 
-    if channels is not None:
-        raise ConfigError(f"target {target}: latency targets do not cover channel units (hybrid plans of grouped / "
-                          "depthwise convs) yet: use flops:F, or prune.hybrid=false")
     s = (settings or PruneSettings()).for_method(get_method(method))
     table, geos = _latency_table(model, metas, s)
     gpu = "cuda" if s.latency_device.startswith("cuda") else None
@@ -334,8 +331,8 @@ def latency_plan(model: nn.Module, example: torch.Tensor, scored: Mapping[str, L
     for _ in range(LATENCY_PROBES):
         try:
             plan = plan_from_scores(model, example, scored, metas, Target("latency", f), skipped, method=method,
-                                    settings=s, latency=(table, geos, base_ms))
-        except ConfigError:  # the table says f is out of reach: look lower
+                                    settings=s, channels=channels, latency=(table, geos, base_ms))
+        except UnreachableTarget:  # the table says f is out of reach: look lower
             hi = f
             f = (lo + hi) / 2
             continue
@@ -353,7 +350,7 @@ def latency_plan(model: nn.Module, example: torch.Tensor, scored: Mapping[str, L
         f = nxt if lo < nxt < hi else (lo + hi) / 2
         f = min(max(f, 1e-4), 1 - 1e-4)
     if not probes:
-        raise ConfigError(f"target {target} is unreachable: the latency table predicts less even at every layer's "
+        raise UnreachableTarget(f"target {target} is unreachable: the latency table predicts less even at every layer's "
                           "cap; lower the target or raise prune.max_layer_ratio")
     met = [p for p in probes if p[1] >= F]
     asked, m, predicted, plan, ms = min(met, key=lambda p: p[0]) if met else max(probes, key=lambda p: p[1])

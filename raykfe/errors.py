@@ -7,7 +7,7 @@ Every error a user can cause (a bad config, a missing data root, an unknown name
 
 from __future__ import annotations
 
-__all__ = ["RaykfeError", "ConfigError", "DataError", "NumericalError", "StorageError"]
+__all__ = ["RaykfeError", "ConfigError", "UnreachableTarget", "DataError", "NumericalError", "StorageError"]
 
 
 class RaykfeError(Exception):
@@ -16,6 +16,11 @@ class RaykfeError(Exception):
 
 class ConfigError(RaykfeError):
     """A job config or API argument is invalid (unknown key, bad type, bad value)."""
+
+
+class UnreachableTarget(ConfigError):
+    """No plan meets the target (every eligible unit removed falls short); callers that search over
+    targets (``latency:F``'s correction) catch this and nothing else."""
 
 
 class DataError(RaykfeError):

@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from .errors import ConfigError
+from .errors import ConfigError, UnreachableTarget
 
 __all__ = [
     "Target",
@@ -507,7 +507,7 @@ def select(
     n = units.layer.size
     best = reduction(n)
     if best < tgt.fraction - 1e-12:
-        raise ConfigError(
+        raise UnreachableTarget(
             f"target {tgt} is unreachable: at most {best:.3f} with prune.max_layer_ratio={max_layer_ratio}"
             " and the layers that can be pruned; lower the target, raise prune.max_layer_ratio"
             " or set prune.include_classifier=true"

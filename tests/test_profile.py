@@ -272,3 +272,13 @@ def test_round_to_keeps_multiples_and_meets_the_target(n):
             if lp.form != "fold_out":
                 assert lp.r_out % n == 0 or lp.r_out == lp.d_out, (name, lp.r_out)
         assert any(lp.action == "kfe" for lp in res.plan.layers.values())
+
+
+def test_latency_target_with_grouped_convs_is_refused_in_one_line():
+    """A hybrid plan (depthwise convs lose channels) has units the latency table does not time:
+    the selection refuses it at once (not taken for an unreachable fraction and searched)."""
+    torch.manual_seed(0)
+    model = build_model("mobilenet_small", 10).eval()
+    batches = [(torch.randn(8, 3, 16, 16), torch.randint(0, 10, (8,))) for _ in range(2)]
+    with pytest.raises(raykfe.ConfigError, match="latency targets do not cover channel units"):
+        raykfe.prune(model, batches, target="latency:0.3", latency_batch=2, latency_threads=1, rank="score")
