@@ -181,17 +181,22 @@ def _prune_row(arch: str, model, batches, example, method: str, repeats: int, de
         (_deploy_cells(model, res.model, example, repeats) if deploy else [])
 
 
+def arch_setup(arch: str, stat_batches: int):
+    """(model in eval mode, statistics batches, one example): torchvision resnet50 at 224x224 with
+    1000 classes, or a registry model (seeded) at 32x32 with 10."""
+    if arch == "resnet50":
+        model, size, classes = _resnet50(), 224, 1000
+    else:
+        torch.manual_seed(0)
+        model, size, classes = build_model(arch, 10), 32, 10
+    batches = _batches(stat_batches, 8, size, classes)
+    return model.eval(), batches, batches[0][0][:1]
+
+
 def latency(args) -> None:
     rows = []
     for arch in args.archs.split(","):
-        if arch == "resnet50":
-            model, size, classes = _resnet50(), 224, 1000
-        else:
-            torch.manual_seed(0)
-            model, size, classes = build_model(arch, 10), 32, 10
-        model.eval()
-        batches = _batches(args.stat_batches, 8, size, classes)
-        example = batches[0][0][:1]
+        model, batches, example = arch_setup(arch, args.stat_batches)
         for method in args.methods.split(","):
             rows.append(_prune_row(arch, model, batches, example, method, args.repeats, args.deploy, args.target))
             print(" | ".join(rows[-1]), file=sys.stderr, flush=True)

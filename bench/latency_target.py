@@ -18,7 +18,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import raykfe  # noqa: E402
 from raykfe.counting import count  # noqa: E402
 from raykfe.latency import latency_profile  # noqa: E402
-from raykfe.models import build_model  # noqa: E402
 from raykfe.report import format_table  # noqa: E402
 
 
@@ -31,18 +30,11 @@ def main(argv=None) -> None:
     ap.add_argument("--table", default="results/latency-tables")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    from imagenet_scale import _batches, _resnet50
+    from imagenet_scale import arch_setup
 
     rows = []
     for arch in args.archs.split(","):
-        if arch == "resnet50":
-            model, size, classes = _resnet50(), 224, 1000
-        else:
-            torch.manual_seed(0)
-            model, size, classes = build_model(arch, 10), 32, 10
-        model.eval()
-        batches = _batches(2, 8, size, classes)
-        example = batches[0][0][:1]
+        model, batches, example = arch_setup(arch, 2)
         t0 = time.perf_counter()
         res = raykfe.prune(model, batches, target=args.target, example_input=example, rank="score", latency_batch=args.batch,
                            latency_threads=args.threads, latency_table=args.table)
