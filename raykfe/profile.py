@@ -213,7 +213,11 @@ class LatencyTable:
                log: Callable[[str], None] | None = None) -> int:
         """Time every signature of ``need`` the table lacks (or covers only to smaller widths);
         returns how many primitives were timed."""
-        todo = {s: w for s, w in need.items() if not self.covers(s, *w)}
+        todo = {}
+        for s, (a, b) in need.items():
+            if not self.covers(s, a, b):  # re-timed to the larger widths of the old grid and the need
+                old = self.grids.get(_sig_key(s))
+                todo[s] = (max(a, old["c_in"][-1]), max(b, old["c_out"][-1])) if old else (a, b)
         if not todo:
             return 0
         points = sum(len(grid_points(a)) * len(grid_points(b)) for a, b in todo.values())

@@ -282,3 +282,13 @@ def test_latency_target_with_grouped_convs_is_refused_in_one_line():
     batches = [(torch.randn(8, 3, 16, 16), torch.randint(0, 10, (8,))) for _ in range(2)]
     with pytest.raises(raykfe.ConfigError, match="latency targets do not cover channel units"):
         raykfe.prune(model, batches, target="latency:0.3", latency_batch=2, latency_threads=1, rank="score")
+
+
+def test_a_regrid_never_loses_the_widths_the_table_covered():
+    """A signature needed wider on one axis only is re-timed to the larger widths of both."""
+    sig = ("conv", 1, 1, 1, 1, 0, 0, 1, 1, 4, 4)
+    t = LatencyTable("cpu", 1, 1, repeats=1)
+    t.ensure({sig: (3, 40)})
+    t.ensure({sig: (9, 2)})
+    assert t.covers(sig, 9, 40)
+    assert t.measured == len(grid_points(3)) * len(grid_points(40)) + len(grid_points(9)) * len(grid_points(40))
