@@ -137,7 +137,7 @@ def _error(demand: Demand, nodes, limits) -> ConfigError:
                        f"change {keys}, or run on a cluster with those resources")
 
 
-def _reachable(demand: Demand, nodes, limits: Mapping[str, float]) -> bool:
+def _reachable(demand: Demand, limits: Mapping[str, float]) -> bool:
     """Within the autoscaler's maxima (a resource its node types lack: 0; unknown maxima: assume
     it can)."""
     if not limits:
@@ -156,7 +156,7 @@ def check_job(cfg, *, sweep: bool = False, log: Callable[[str], None] = print, n
         if packs(demand, current):
             continue
         scaler = limits()
-        if scaler is None or not _reachable(demand, current, scaler):
+        if scaler is None or not _reachable(demand, scaler):
             raise _error(demand, current, scaler)
         _request(demand)
         waited, last = 0.0, -60.0
