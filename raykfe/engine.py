@@ -29,6 +29,7 @@ bug in raykfe's cost model, never a user error.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import itertools
 import sys
@@ -245,9 +246,14 @@ def prune(model: nn.Module, source: Source, method: str = "eigendamage", target:
     ``api``: called by :func:`raykfe.prune` (methods that need a job's stages are refused)."""
     from .report import plan_report
 
+    from .attention import attention_names, convert_attention
+
     settings = settings or PruneSettings()
     m, tgt = get_method(method), parse_target(target)
     _check(m, tgt, _rounds(m, settings), settings, api)
+    if attention_names(model):  # q / k / v / out as Linear layers every method sees (rebuild does the same)
+        model = copy.deepcopy(model)
+        convert_attention(model)
     run = _Run(model, source, m, settings)
     new, plan = run.run(tgt)
     return PruneResult(new, plan, plan_report(plan), run.space.stats, run.timings)

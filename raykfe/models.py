@@ -302,6 +302,9 @@ def build_model(name: str, num_classes: int, *, width: float = 1.0) -> nn.Module
             )
         import torchvision
 
+        from .attention import convert_attention
+
         model = torchvision.models.get_model(tv_name, weights=None, num_classes=num_classes)
+        convert_attention(model)  # nn.MultiheadAttention -> raykfe's Attention (same function, Linear projections)
     model.raykfe_spec = {"name": name, "num_classes": num_classes, "width": width}
     return model

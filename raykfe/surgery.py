@@ -204,8 +204,15 @@ def apply_plan(
 
 
 def rebuild(model: nn.Module, plan: Plan, weights=None) -> nn.Module:
-    """A NEW model with ``plan``'s structure: its channel removals (traced on ``plan.input_shape``),
-    then its KFE layers (filled from ``weights`` when given, else left for ``load_state_dict``)."""
+    """A NEW model with ``plan``'s structure: its ``nn.MultiheadAttention`` modules as raykfe's
+    :class:`raykfe.attention.Attention` (as the engine pruned them; their state_dicts load either
+    way), its channel removals (traced on ``plan.input_shape``), then its KFE layers (filled from
+    ``weights`` when given, else left for ``load_state_dict``)."""
+    from .attention import attention_names, convert_attention
+
+    if attention_names(model):
+        model = copy.deepcopy(model)
+        convert_attention(model)
     if plan.removed:
         from .channels import apply_channels
         from .errors import StorageError

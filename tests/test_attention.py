@@ -1,0 +1,149 @@
+"""Attention in the KFE methods: raykfe's :class:`Attention` against ``nn.MultiheadAttention``.
+
+* the same function in float64, every calling convention (batched / unbatched, ``batch_first``
+  both ways, ``kdim`` / ``vdim``, bias or not, boolean and float masks, per-head masks, the causal
+  hint, weights averaged or per head, none asked);
+* an ``nn.MultiheadAttention`` state_dict loads into it (pretrained torchvision weights);
+* a torchvision VisionTransformer: EigenDamage now rebuilds its q / k / v / out projections,
+  the rebuilt model loads back into an UNconverted ViT through the plan (the checkpoint path),
+  and it exports (ExportedProgram, TorchScript, ONNX) with outputs checked against it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from torchvision.models.vision_transformer import VisionTransformer
+
+import raykfe
+from raykfe.attention import Attention, attention_names, convert_attention, from_mha
+from raykfe.export import export_bytes
+from raykfe.models import build_model
+from raykfe.surgery import rebuild
+
+E, H = 12, 3
+
+
+def _inputs(batched: bool, batch_first: bool, kdim: int, vdim: int, L: int = 5, S: int = 6, B: int = 4):
+    g = torch.Generator().manual_seed(1)
+
+    def t(n, d):
+        shape = (n, d) if not batched else ((B, n, d) if batch_first else (n, B, d))
+        return torch.randn(*shape, generator=g, dtype=torch.float64)
+
+    kpm = torch.rand(*((B, S) if batched else (S,)), generator=g) < 0.3
+    kpm[..., 0] = False  # every query attends to something (a fully masked row is NaN in both)
+    per_head = torch.rand(B * H if batched else H, L, S, generator=g) < 0.3
+    per_head[..., 0] = False
+    calls = [
+        {},
+        {"key_padding_mask": kpm},
+        {"key_padding_mask": torch.randn(kpm.shape, generator=g, dtype=torch.float64)},
+        {"attn_mask": torch.randn(L, S, generator=g, dtype=torch.float64)},
+        {"attn_mask": per_head, "key_padding_mask": kpm},
+        {"need_weights": False},
+        {"average_attn_weights": False, "key_padding_mask": kpm},
+        {"attn_mask": torch.ones(L, S, dtype=torch.bool).triu(1), "is_causal": True, "need_weights": False},
+    ]
+    return t(L, E), t(S, kdim), t(S, vdim), calls
+
+
+@pytest.mark.parametrize("batch_first,kv,bias,batched", list(itertools.product([True, False], [None, (5, 7)], [True, False], [True, False])))
+def test_attention_computes_what_multihead_attention_computes(batch_first, kv, bias, batched):
+    torch.manual_seed(0)
+    kdim, vdim = kv or (E, E)
+    mha = nn.MultiheadAttention(E, H, bias=bias, kdim=kdim, vdim=vdim, batch_first=batch_first, dtype=torch.float64).eval()
+    att = from_mha(mha)
+    assert all(type(getattr(att, p)) is nn.Linear for p in ("q_proj", "k_proj", "v_proj", "out_proj"))
+    q, k, v, calls = _inputs(batched, batch_first, kdim, vdim)
+    for kw in calls:
+        want, want_w = mha(q, k, v, **kw)
+        got, got_w = att(q, k, v, **kw)
+        assert got.shape == want.shape
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-12, msg=str(kw))
+        assert (got_w is None) == (want_w is None)
+        if want_w is not None:
+            assert got_w.shape == want_w.shape
+            torch.testing.assert_close(got_w, want_w, rtol=0, atol=1e-12)
+
+
+def test_dropout_training_mode_and_the_causal_hint():
+    mha = nn.MultiheadAttention(E, H, dropout=0.5, batch_first=True, dtype=torch.float64)
+    att = from_mha(mha)
+    assert att.training and att.dropout == 0.5
+    x = torch.randn(2, 4, E, dtype=torch.float64)
+    torch.manual_seed(3)
+    a = att(x, x, x)[0]
+    torch.manual_seed(4)
+    assert not torch.allclose(a, att(x, x, x)[0])  # dropout on the weights in training
+    att.eval(), mha.eval()
+    torch.testing.assert_close(att(x, x, x)[0], mha(x, x, x)[0], rtol=0, atol=1e-12)
+    with pytest.raises(RuntimeError, match="attn_mask"):
+        att(x, x, x, is_causal=True)
+
+
+def test_multihead_attention_state_dicts_load_and_odd_modules_are_left_alone():
+    torch.manual_seed(0)
+    for kdim in (None, 5):
+        mha = nn.MultiheadAttention(E, H, kdim=kdim, vdim=kdim, dtype=torch.float64).eval()
+        att = Attention(E, H, kdim=kdim, vdim=kdim, dtype=torch.float64).eval()
+        att.load_state_dict(mha.state_dict())  # strict: every key is mapped
+        x, kv = torch.randn(3, 2, E, dtype=torch.float64), torch.randn(4, 2, kdim or E, dtype=torch.float64)
+        torch.testing.assert_close(att(x, kv, kv)[0], mha(x, kv, kv)[0], rtol=0, atol=1e-12)
+    odd = nn.Sequential(nn.MultiheadAttention(E, H, add_bias_kv=True), nn.MultiheadAttention(E, H, add_zero_attn=True))
+    assert attention_names(odd) == [] and convert_attention(odd) == []
+    assert all(type(m) is nn.MultiheadAttention for m in odd)
+
+
+def _vit() -> nn.Module:
+    torch.manual_seed(0)
+    return VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=4, hidden_dim=32, mlp_dim=64,
+                             num_classes=10).eval()
+
+
+def test_build_model_converts_torchvision_attention_and_pretrained_weights_still_load():
+    ref = _vit()
+    model = build_model("vit_b_16", 10)  # the registry's torchvision ViT
+    assert attention_names(model) == [] and any(isinstance(m, Attention) for m in model.modules())
+    converted = _vit()
+    assert convert_attention(converted) == [f"encoder.layers.encoder_layer_{i}.self_attention" for i in range(2)]
+    converted.load_state_dict(ref.state_dict())  # a torchvision checkpoint of the unconverted model
+    x = torch.randn(3, 3, 32, 32)
+    torch.testing.assert_close(converted(x), ref(x), rtol=0, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def pruned_vit():
+    model = _vit()
+    g = torch.Generator().manual_seed(2)
+    batches = [(torch.randn(8, 3, 32, 32, generator=g), torch.randint(0, 10, (8,), generator=g)) for _ in range(3)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return model, raykfe.prune(model, batches, method="eigendamage", target="params:0.5")
+
+
+def test_eigendamage_prunes_the_attention_projections_of_a_vit(pruned_vit):
+    model, res = pruned_vit
+    assert any(isinstance(m, nn.MultiheadAttention) for m in model.modules())  # the caller's model is unchanged
+    assert res.plan.summary.within_tolerance and res.plan.params_reduction >= 0.5
+    projections = [n for n in res.plan.layers if n.rsplit(".", 1)[-1] in ("q_proj", "k_proj", "v_proj", "out_proj")]
+    assert len(projections) == 8
+    assert sum(res.plan.layers[n].action == "kfe" for n in projections) >= 4  # the attention is pruned, not dense
+    assert raykfe.count(res.model, torch.zeros(1, 3, 32, 32)).params == res.plan.params
+    # the checkpoint path: the plan rebuilds an UNconverted ViT into the pruned structure
+    again = rebuild(_vit(), res.plan)
+    again.load_state_dict(res.model.state_dict())
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(again.eval()(x), res.model.eval()(x), rtol=0, atol=0)
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::DeprecationWarning", "ignore::UserWarning")
+@pytest.mark.parametrize("fmt", ["pt2", "torchscript", "onnx"])
+def test_pruned_vit_exports(pruned_vit, fmt):
+    _, res = pruned_vit
+    data, worst, out_shape = export_bytes(res.model, fmt, [3, 32, 32])
+    assert data and out_shape == [10] and worst < 1e-4
