@@ -261,7 +261,7 @@ def _unknown(name: str) -> ConfigError:
     )
 
 
-def build_model(name: str, num_classes: int, *, width: float = 1.0) -> nn.Module:
+def build_model(name: str, num_classes: int, *, width: float = 1.0, image_size: int | None = None) -> nn.Module:
     """Build a randomly initialised classifier by name.
 
     Args:
@@ -269,6 +269,13 @@ def build_model(name: str, num_classes: int, *, width: float = 1.0) -> nn.Module
             classification model name.
         num_classes: number of output logits (>= 1).
         width: channel multiplier for the raykfe models (> 0); must be 1.0 for torchvision ones.
+        image_size: the input size, for the torchvision models whose architecture depends on it
+            (the VisionTransformers: their position embeddings); recorded in the spec only for
+            them, ignored by every other model (they take any size).
+
+    ``nn.MultiheadAttention`` modules of torchvision models are built as raykfe's
+    :class:`raykfe.attention.Attention` (the same function with Linear projections that the
+    methods prune; ``nn.MultiheadAttention`` state_dicts, e.g. pretrained weights, still load).
 
     Returns:
         The model (in train mode) with ``model.raykfe_spec`` set.
@@ -304,7 +311,18 @@ def build_model(name: str, num_classes: int, *, width: float = 1.0) -> nn.Module
 
         from .attention import convert_attention
 
-        model = torchvision.models.get_model(tv_name, weights=None, num_classes=num_classes)
+        model = None
+        if image_size is not None:
+            if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
+                raise ConfigError(f"image_size must be a positive integer, got {image_size!r}: set data.image_size")
+            try:  # only builders whose architecture depends on the size take it (ViTs)
+                model = torchvision.models.get_model(tv_name, weights=None, num_classes=num_classes, image_size=image_size)
+            except TypeError:
+                image_size = None
+        if model is None:
+            model = torchvision.models.get_model(tv_name, weights=None, num_classes=num_classes)
         convert_attention(model)  # nn.MultiheadAttention -> raykfe's Attention (same function, Linear projections)
     model.raykfe_spec = {"name": name, "num_classes": num_classes, "width": width}
+    if image_size is not None and name not in _RAYKFE_MODELS:
+        model.raykfe_spec["image_size"] = image_size
     return model

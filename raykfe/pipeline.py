@@ -160,7 +160,7 @@ class _Job:
         self.resumed: dict[str, int] = {}  # training stages continued from an epoch checkpoint
         t0 = time.perf_counter()
         self.splits = job_splits(cfg.data, cfg.seed)  # validates the data before anything is written
-        self.model = build_model(cfg.model.name, self.splits.num_classes, width=cfg.model.width)
+        self.model = build_model(cfg.model.name, self.splits.num_classes, width=cfg.model.width, image_size=cfg.data.image_size)
         self.recipe = ModelRecipe(dict(self.model.raykfe_spec))
         self.example = self.splits.test[0][0][None]
         self.settings = PruneSettings.from_job(cfg)

@@ -349,7 +349,7 @@ def profile_job(cfg, log: Callable[[str], None] = print) -> str:
 
     s = PruneSettings.from_job(cfg)
     classes = cfg.data.num_classes or _CLASSES.get(cfg.data.name, 1000)
-    model = build_model(cfg.model.name, classes, width=cfg.model.width).eval()
+    model = build_model(cfg.model.name, classes, width=cfg.model.width, image_size=cfg.data.image_size).eval()
     example = torch.zeros(1, 3, cfg.data.image_size, cfg.data.image_size)
     adapters, _ = prunable_layers(model, example, conv_mode=s.conv_mode, include_classifier=s.include_classifier,
                                   exclude=s.exclude, max_factor_dim=s.max_factor_dim)

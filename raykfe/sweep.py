@@ -112,7 +112,7 @@ def _prepare(cfg: JobConfig, backend_for, methods: list[str], uri: str, log) -> 
     from .stages import StageStore
 
     splits = job_splits(cfg.data, cfg.seed)
-    model = build_model(cfg.model.name, splits.num_classes, width=cfg.model.width)
+    model = build_model(cfg.model.name, splits.num_classes, width=cfg.model.width, image_size=cfg.data.image_size)
     tensors, _ = StageStore(open_uri(base_uri)).load("base")
     model.load_state_dict(tensors)
     example = splits.test[0][0][None]

@@ -43,7 +43,8 @@ def _is_sweep(name: str) -> bool:
 
 
 def test_the_expected_specs_are_there() -> None:
-    want = {"digits.yaml", "digits-sweep.yaml", "imagenet-resnet50.yaml", *PAPER}
+    want = {"digits.yaml", "digits-sweep.yaml", "imagenet-resnet50.yaml", "imagenet-vit_b_16.yaml",
+            "imagenet-convnext_tiny.yaml", *PAPER}
     assert want <= set(JOB_SPECS)
 
 
@@ -108,9 +109,10 @@ def test_paper_specs_follow_the_protocol(name: str) -> None:
     assert "final" in header.lower() and "validation" in header.lower() and "output.uri=" in header
 
 
-def test_imagenet_spec() -> None:
-    cfg = load_config(JOBS / "imagenet-resnet50.yaml")
-    assert (cfg.model.name, cfg.data.name, cfg.data.image_size) == ("resnet50", "imagefolder", 224)
+@pytest.mark.parametrize("arch", ["resnet50", "vit_b_16", "convnext_tiny"])
+def test_imagenet_spec(arch: str) -> None:
+    cfg = load_config(JOBS / f"imagenet-{arch}.yaml")
+    assert (cfg.model.name, cfg.data.name, cfg.data.image_size) == (arch, "imagefolder", 224)
     assert cfg.model.weights and cfg.model.weights.endswith(".safetensors")
     assert cfg.data.root and cfg.stats.max_batches is not None
     assert cfg.prune.target.startswith("flops:")
