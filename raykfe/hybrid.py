@@ -14,6 +14,13 @@ Decisions:
   hybrid group is pruned through that group and NOT in the eigenbasis, so the two kinds of unit
   never change each other's cost (a KFE layer's widths are those of groups that are not hybrid).
   On a MobileNet every pointwise conv touches a depthwise group, so the plan is all channels.
+* **Which groups are hybrid.** Those with a depthwise / grouped conv member, and then every group
+  whose Conv/Linear members include a channel-space layer and NO layer the KFE method would prune
+  (the others are channel-space, the classifier, excluded or too wide): such a group's channels
+  would otherwise be pruned by nothing. A ConvNeXt block's MLP hidden width (its two Linear layers
+  are members of the depthwise conv's stream group) and a MobileNet's last pointwise output
+  (read by the classifier only) are such groups. A group with a KFE layer is never added, so no
+  layer leaves the eigenbasis because of this rule.
 * **Scores in loss units, from the consumers.** Removing a channel removes its contribution to the
   layers that READ it; with their K-FAC factors ``F ~= S (x) A`` (the statistics EigenDamage
   collects anyway, in ``stats.conv_mode``), zeroing the input columns ``J`` of a consumer costs
@@ -45,20 +52,29 @@ def _grouped(m: nn.Module) -> bool:
     return isinstance(m, nn.Conv2d) and m.groups > 1
 
 
-def hybrid_groups(model: nn.Module, graph) -> tuple[list[str], set[str], dict[str, str]]:
+def hybrid_groups(model: nn.Module, graph, kfe: set[str] | None = None) -> tuple[list[str], set[str], dict[str, str]]:
     """``(hybrid group names, their Conv/Linear members, {consumer layer: group})``: the groups
-    with a grouped / depthwise conv member; the layers that read them ("in" members)."""
-    names, members, consumers = [], set(), {}
+    with a grouped / depthwise conv member, then (given ``kfe``, the layers the KFE method would
+    prune) the groups with a channel-space member and no ``kfe`` one (module docstring); the
+    layers that read them ("in" members), in forward order of the groups."""
+    chosen, members = set(), set()
+    layers = {g.name: {m.module for m in g.members if isinstance(model.get_submodule(m.module), _LAYER)} for g in graph.groups}
     for g in graph.groups:
-        mods = {m.module: model.get_submodule(m.module) for m in g.members}
-        if not any(_grouped(m) for m in mods.values()):
+        if any(_grouped(model.get_submodule(m.module)) for m in g.members):
+            chosen.add(g.name)
+            members |= layers[g.name]
+    if kfe is not None:
+        free = set(kfe) - members
+        chosen |= {g.name for g in graph.groups if layers[g.name] & members and not layers[g.name] & free}
+    names, consumers = [], {}
+    for g in graph.groups:
+        if g.name not in chosen:
             continue
         names.append(g.name)
         for mem in g.members:
-            if isinstance(mods[mem.module], _LAYER):
-                members.add(mem.module)
-                if mem.kind == "in" and not _grouped(mods[mem.module]):
-                    consumers[mem.module] = g.name
+            mod = model.get_submodule(mem.module)
+            if mem.kind == "in" and isinstance(mod, _LAYER) and not _grouped(mod):
+                consumers[mem.module] = g.name
     return names, members, consumers
 
 

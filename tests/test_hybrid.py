@@ -93,3 +93,41 @@ def test_hybrid_reaches_what_the_kfe_layers_alone_cannot():
         assert 1 - raykfe.count(res.model, x).macs / raykfe.count(model, x).macs >= 0.92
         c = raykfe.count(res.model, x)
         assert res.plan.removed and (res.plan.params, res.plan.macs) == (c.params, c.macs)
+
+
+def convnext_like() -> nn.Module:
+    """stem -> depthwise -> expand (GELU) -> project -> depthwise -> head -> classifier: the
+    expand / project pair sits between two depthwise groups (a ConvNeXt block's MLP), and the
+    head's output is read by the classifier only (a MobileNet's last pointwise conv)."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 32, 1), nn.GELU(),
+        nn.Conv2d(32, 8, 1, bias=False), nn.BatchNorm2d(8),
+        nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 16, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 5),
+    ).to(DT).eval()
+
+
+def test_groups_left_with_no_kfe_layer_lose_channels_too(tmp_path):
+    """The expand conv's 32-wide output and the head's 16-wide output have only channel-space
+    layers (and the classifier) as members: without the rule nothing would ever prune them."""
+    from raykfe.capture import prunable_layers
+
+    model, batches = convnext_like(), _batches()
+    x = batches[0][0][:1]
+    graph = ChannelGraph(model, x)
+    assert hybrid_groups(model, graph)[0] == ["0", "8"]  # the depthwise groups only
+    kfe = set(prunable_layers(model, x)[0])
+    groups, members, consumers = hybrid_groups(model, graph, kfe=kfe)
+    assert groups == ["0", "6", "8", "13"] and members == {"0", "3", "6", "8", "10", "13"}
+    assert consumers == {"6": "0", "8": "6", "13": "8", "18": "13"}
+    res = raykfe.prune(model, batches, target="flops:0.6")
+    assert res.plan.space == "channels" and {"6", "13"} & set(res.plan.removed)
+    c = raykfe.count(res.model, x)
+    assert (res.plan.params, res.plan.macs) == (c.params, c.macs) and 1 - c.macs / raykfe.count(model, x).macs >= 0.6
+    back = raykfe.load(raykfe.save(res, str(tmp_path / "r")), model=model)
+    with torch.no_grad():
+        torch.testing.assert_close(back.model(batches[1][0]), res.model.eval()(batches[1][0]), rtol=1e-10, atol=1e-12)
