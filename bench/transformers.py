@@ -29,7 +29,7 @@ def child(arch: str, batch: int, batches: int, target: str, threads: int) -> dic
     import torch.nn.functional as F
 
     import raykfe
-    from raykfe.attention import Attention
+    from raykfe.attention import Attention, WindowAttention
     from raykfe.models import build_model
 
     torch.set_num_threads(threads)
@@ -49,7 +49,8 @@ def child(arch: str, batch: int, batches: int, target: str, threads: int) -> dic
         warnings.simplefilter("ignore")
         res = raykfe.prune(model, data, method="eigendamage", target=target, recalibrate_batches=batches)
     total = time.perf_counter() - t0
-    attn = {f"{n}.{p}" for n, m in res.model.named_modules() if isinstance(m, Attention) for p in ("q_proj", "k_proj", "v_proj", "out_proj")}
+    parts = {Attention: ("q_proj", "k_proj", "v_proj", "out_proj"), WindowAttention: ("qkv", "proj")}
+    attn = {f"{n}.{p}" for n, m in res.model.named_modules() for p in parts.get(type(m), ())}
     kfe = [n for n, lp in res.plan.layers.items() if lp.action == "kfe"]
     widest = max((max(lp.d_in, lp.d_out) for lp in res.plan.layers.values()), default=0)
     return {

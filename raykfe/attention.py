@@ -28,9 +28,18 @@ Decisions:
   :class:`Attention` directly (a load hook splits it), so pretrained torchvision weights still
   load into a model built by :func:`raykfe.models.build_model`.
 
-:func:`convert_attention` replaces every convertible ``nn.MultiheadAttention`` of a model;
-the engine does it before pruning and records the names in the plan (``plan.attention``) so
-that :func:`raykfe.surgery.rebuild` repeats it on load.
+Swin's windowed attention (torchvision's ``ShiftedWindowAttention``) has ``qkv`` and ``proj``
+Linear modules but applies their weights functionally, on windows flattened into the batch, so
+their hooks never fire. :class:`WindowAttention` (a subclass: same parameters, buffers and
+state_dict keys) computes the same function calling the two modules on the padded, shifted
+``[batch, H, W, C]`` map BEFORE the window partition and after its reverse (a Linear acts per
+token, so it commutes with the shift and the partition, and padded tokens still get ``qkv``'s
+bias as there); the statistics' examples are then the images, not the windows. The V2 variant
+(cosine attention, a continuous position bias) is left as it is.
+
+:func:`convert_attention` replaces every convertible module of a model IN PLACE;
+:func:`raykfe.models.build_model`, the engine (on a copy, before pruning) and
+:func:`raykfe.surgery.rebuild` (on load) all do it, so a plan always meets the converted modules.
 """
 
 from __future__ import annotations
@@ -42,7 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["Attention", "convert_attention", "attention_names"]
+__all__ = ["Attention", "WindowAttention", "convert_attention", "attention_names"]
 
 
 def _float_mask(mask: Tensor, dtype: torch.dtype) -> Tensor:
@@ -145,22 +154,91 @@ def from_mha(mha: nn.MultiheadAttention) -> Attention:
     return att.train(mha.training)
 
 
+def _swin_class():
+    try:
+        from torchvision.models.swin_transformer import ShiftedWindowAttention
+    except ImportError:  # pragma: no cover - torchvision is a dependency
+        return None
+    return ShiftedWindowAttention
+
+
+_SWA = _swin_class()
+
+
+class WindowAttention(_SWA if _SWA is not None else nn.Module):  # type: ignore[misc]
+    """Swin's shifted-window attention with its ``qkv`` / ``proj`` called as modules (module
+    docstring); the same parameters and state_dict as torchvision's ``ShiftedWindowAttention``."""
+
+    def forward(self, x: Tensor) -> Tensor:  # [B, H, W, C] -> [B, H, W, C]
+        b, h, w, c = x.shape
+        wh, ww = self.window_size[0], self.window_size[1]
+        x = F.pad(x, (0, 0, 0, (ww - w % ww) % ww, 0, (wh - h % wh) % wh))
+        ph, pw = x.shape[1], x.shape[2]
+        sh = 0 if wh >= ph else self.shift_size[0]  # a window as large as the map needs no shift
+        sw = 0 if ww >= pw else self.shift_size[1]
+        if sh + sw > 0:
+            x = torch.roll(x, shifts=(-sh, -sw), dims=(1, 2))
+        nh, nw, n = ph // wh, pw // ww, wh * ww
+        qkv = self.qkv(x)  # per token, on the whole map: [B, pH, pW, 3C]
+        qkv = qkv.reshape(b, nh, wh, nw, ww, -1).permute(0, 1, 3, 2, 4, 5).reshape(b * nh * nw, n, 3, self.num_heads, -1)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B*nW, heads, N, d]
+        attn = torch.matmul(q * (c // self.num_heads) ** -0.5, k.transpose(-2, -1)) + self.get_relative_position_bias()
+        if sh + sw > 0:  # tokens from different regions of the shifted map do not attend to each other
+            region = torch.zeros(ph, pw, dtype=x.dtype, device=x.device)
+            label = 0
+            for hs in (slice(0, ph - wh), slice(ph - wh, ph - sh), slice(ph - sh, ph)):
+                for ws_ in (slice(0, pw - ww), slice(pw - ww, pw - sw), slice(pw - sw, pw)):
+                    region[hs, ws_] = label
+                    label += 1
+            region = region.reshape(nh, wh, nw, ww).permute(0, 2, 1, 3).reshape(nh * nw, n)
+            differ = region[:, None, :] != region[:, :, None]  # [nW, N, N]
+            mask = torch.zeros(differ.shape, dtype=attn.dtype, device=attn.device).masked_fill(differ, -100.0)
+            attn = (attn.reshape(b, nh * nw, self.num_heads, n, n) + mask[None, :, None]).reshape(-1, self.num_heads, n, n)
+        attn = F.dropout(torch.softmax(attn, dim=-1), p=self.attention_dropout, training=self.training)
+        out = torch.matmul(attn, v).transpose(1, 2).reshape(b, nh, nw, wh, ww, -1)
+        out = out.permute(0, 1, 3, 2, 4, 5).reshape(b, ph, pw, -1)  # windows back on the map
+        out = F.dropout(self.proj(out), p=self.dropout, training=self.training)
+        if sh + sw > 0:
+            out = torch.roll(out, shifts=(sh, sw), dims=(1, 2))
+        return out[:, :h, :w, :].contiguous()
+
+
+@torch.no_grad()
+def from_window_attention(m: nn.Module) -> WindowAttention:
+    """A :class:`WindowAttention` with ``m``'s parameters, buffers, settings and mode."""
+    new = WindowAttention(m.qkv.in_features, list(m.window_size), list(m.shift_size), m.num_heads,
+                          qkv_bias=m.qkv.bias is not None, proj_bias=m.proj.bias is not None,
+                          attention_dropout=m.attention_dropout, dropout=m.dropout)
+    new.to(device=m.qkv.weight.device, dtype=m.qkv.weight.dtype)
+    new.load_state_dict(m.state_dict())
+    return new.train(m.training)
+
+
+def _converter(m: nn.Module):
+    """The function converting ``m`` to raykfe's module, or None when ``m`` is not convertible."""
+    if isinstance(m, nn.MultiheadAttention) and unsupported(m) is None:
+        return from_mha
+    if _SWA is not None and type(m) is _SWA:
+        return from_window_attention
+    return None
+
+
 def attention_names(model: nn.Module) -> list[str]:
-    """Names of the convertible ``nn.MultiheadAttention`` modules of ``model``, forward order of
-    registration."""
-    return [n for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention) and unsupported(m) is None]
+    """Names of the convertible attention modules of ``model`` (``nn.MultiheadAttention``,
+    torchvision's ``ShiftedWindowAttention``), in registration order."""
+    return [n for n, m in model.named_modules() if _converter(m) is not None]
 
 
 def convert_attention(model: nn.Module, names: Optional[list[str]] = None) -> list[str]:
-    """Replace ``nn.MultiheadAttention`` modules of ``model`` IN PLACE by :class:`Attention` (all the
-    convertible ones, or ``names``); returns the names replaced. A name that is not a convertible
-    ``nn.MultiheadAttention`` (already converted: an :class:`Attention`) is left alone."""
+    """Replace attention modules of ``model`` IN PLACE by raykfe's (all the convertible ones, or
+    ``names``); returns the names replaced. A module that is not convertible (already converted,
+    or with options raykfe does not cover) is left alone."""
     from .surgery import set_module
 
     done = []
     for name in attention_names(model) if names is None else names:
-        mod = model.get_submodule(name)
-        if isinstance(mod, nn.MultiheadAttention) and unsupported(mod) is None:
-            set_module(model, name, from_mha(mod))
+        fn = _converter(model.get_submodule(name))
+        if fn is not None:
+            set_module(model, name, fn(model.get_submodule(name)))
             done.append(name)
     return done

@@ -1,4 +1,5 @@
-"""Attention in the KFE methods: raykfe's :class:`Attention` against ``nn.MultiheadAttention``.
+"""Attention in the KFE methods: raykfe's :class:`Attention` against ``nn.MultiheadAttention`` and its
+:class:`WindowAttention` against torchvision's Swin ``ShiftedWindowAttention``.
 
 * the same function in float64, every calling convention (batched / unbatched, ``batch_first``
   both ways, ``kdim`` / ``vdim``, bias or not, boolean and float masks, per-head masks, the causal
@@ -147,3 +148,51 @@ def test_pruned_vit_exports(pruned_vit, fmt):
     _, res = pruned_vit
     data, worst, out_shape = export_bytes(res.model, fmt, [3, 32, 32])
     assert data and out_shape == [10] and worst < 1e-4
+
+
+# --------------------------------------------------------------------------- Swin's windowed attention
+
+
+@pytest.mark.parametrize("shift,hw,bias", list(itertools.product([[0, 0], [2, 2]], [(8, 8), (7, 9), (3, 5)], [True, False])))
+def test_window_attention_computes_what_torchvision_computes(shift, hw, bias):
+    """Shifted and plain windows, maps that need padding (7x9, 3x5) and maps smaller than a window."""
+    from torchvision.models.swin_transformer import ShiftedWindowAttention
+
+    from raykfe.attention import WindowAttention, from_window_attention
+
+    torch.manual_seed(0)
+    ref = ShiftedWindowAttention(12, [4, 4], shift, 3, qkv_bias=bias, proj_bias=bias).double().eval()
+    with torch.no_grad():
+        ref.relative_position_bias_table.normal_()
+    att = from_window_attention(ref)
+    assert type(att) is WindowAttention and att.state_dict().keys() == ref.state_dict().keys()
+    x = torch.randn(2, *hw, 12, dtype=torch.float64)
+    torch.testing.assert_close(att(x), ref(x), rtol=0, atol=1e-12)
+
+
+def _swin() -> nn.Module:
+    from torchvision.models.swin_transformer import SwinTransformer
+
+    torch.manual_seed(0)
+    return SwinTransformer(patch_size=[4, 4], embed_dim=16, depths=[2, 2], num_heads=[2, 2], window_size=[4, 4],
+                           num_classes=10).eval()
+
+
+def test_eigendamage_prunes_swin_attention_and_the_plan_rebuilds_it():
+    model = _swin()
+    g = torch.Generator().manual_seed(2)
+    batches = [(torch.randn(8, 3, 32, 32, generator=g), torch.randint(0, 10, (8,), generator=g)) for _ in range(2)]
+    converted = _swin()
+    assert len(convert_attention(converted)) == 4
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(converted(x), model(x), rtol=0, atol=1e-5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = raykfe.prune(model, batches, method="eigendamage", target="params:0.4")
+    attn = [n for n in res.plan.layers if n.rsplit(".", 1)[-1] in ("qkv", "proj")]
+    assert len(attn) == 8 and sum(res.plan.layers[n].action == "kfe" for n in attn) >= 2
+    again = rebuild(_swin(), res.plan)
+    again.load_state_dict(res.model.state_dict())
+    torch.testing.assert_close(again.eval()(x), res.model.eval()(x), rtol=0, atol=0)
+    data, worst, _ = export_bytes(res.model, "pt2", [3, 32, 32])
+    assert data and worst < 1e-4
