@@ -532,7 +532,7 @@ class _KfeSpace:
 
         s = self.run.settings
         self.graph = ChannelGraph(self.run.model, self.run.example, exclude=s.exclude, include_classifier=s.include_classifier)
-        self.groups, members, self.consumers = hybrid_groups(self.run.model, self.graph, kfe=set(self.adapters))
+        self.groups, members, self.consumers = hybrid_groups(self.run.model, self.graph)
         for n in members:
             if self.adapters.pop(n, None) is not None or n not in self.skipped:
                 self.skipped[n] = "loses whole channels with the depthwise / grouped conv it is coupled to (hybrid plan)"

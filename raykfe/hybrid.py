@@ -15,12 +15,13 @@ Decisions:
   never change each other's cost (a KFE layer's widths are those of groups that are not hybrid).
   On a MobileNet every pointwise conv touches a depthwise group, so the plan is all channels.
 * **Which groups are hybrid.** Those with a depthwise / grouped conv member, and then every group
-  whose Conv/Linear members include a channel-space layer and NO layer the KFE method would prune
-  (the others are channel-space, the classifier, excluded or too wide): such a group's channels
-  would otherwise be pruned by nothing. A ConvNeXt block's MLP hidden width (its two Linear layers
-  are members of the depthwise conv's stream group) and a MobileNet's last pointwise output
-  (read by the classifier only) are such groups. A group with a KFE layer is never added, so no
-  layer leaves the eigenbasis because of this rule.
+  whose Conv/Linear members are ALL channel-space already: such a group's channels would
+  otherwise be pruned by nothing. A ConvNeXt block's MLP hidden width is one (its two Linear
+  layers are members of the depthwise conv's stream group). No layer leaves the eigenbasis because
+  of this rule. A group read by the classifier is not added (the classifier is not
+  channel-space): on the quality benchmark's MobileNet-style net, adding its last pointwise
+  output group (96 channels read by the classifier only) cut them to ~35 at flops:0.7 and cost
+  10-20 points after one epoch on both seeds (``bench/quality.py --archs mobilenet_small``).
 * **Scores in loss units, from the consumers.** Removing a channel removes its contribution to the
   layers that READ it; with their K-FAC factors ``F ~= S (x) A`` (the statistics EigenDamage
   collects anyway, in ``stats.conv_mode``), zeroing the input columns ``J`` of a consumer costs
@@ -52,20 +53,19 @@ def _grouped(m: nn.Module) -> bool:
     return isinstance(m, nn.Conv2d) and m.groups > 1
 
 
-def hybrid_groups(model: nn.Module, graph, kfe: set[str] | None = None) -> tuple[list[str], set[str], dict[str, str]]:
+def hybrid_groups(model: nn.Module, graph, closure: bool = True) -> tuple[list[str], set[str], dict[str, str]]:
     """``(hybrid group names, their Conv/Linear members, {consumer layer: group})``: the groups
-    with a grouped / depthwise conv member, then (given ``kfe``, the layers the KFE method would
-    prune) the groups with a channel-space member and no ``kfe`` one (module docstring); the
-    layers that read them ("in" members), in forward order of the groups."""
+    with a grouped / depthwise conv member, then (with ``closure``) the groups whose Conv/Linear
+    members are all members of those (module docstring); the layers that read them ("in"
+    members), in forward order of the groups."""
     chosen, members = set(), set()
     layers = {g.name: {m.module for m in g.members if isinstance(model.get_submodule(m.module), _LAYER)} for g in graph.groups}
     for g in graph.groups:
         if any(_grouped(model.get_submodule(m.module)) for m in g.members):
             chosen.add(g.name)
             members |= layers[g.name]
-    if kfe is not None:
-        free = set(kfe) - members
-        chosen |= {g.name for g in graph.groups if layers[g.name] & members and not layers[g.name] & free}
+    if closure:
+        chosen |= {g.name for g in graph.groups if layers[g.name] and layers[g.name] <= members}
     names, consumers = [], {}
     for g in graph.groups:
         if g.name not in chosen:
