@@ -196,3 +196,56 @@ def test_eigendamage_prunes_swin_attention_and_the_plan_rebuilds_it():
     torch.testing.assert_close(again.eval()(x), res.model.eval()(x), rtol=0, atol=0)
     data, worst, _ = export_bytes(res.model, "pt2", [3, 32, 32])
     assert data and worst < 1e-4
+
+
+# --------------------------------------------------------------------------- rebuilt attention, factors
+
+
+def test_rebuilt_attention_with_nothing_pruned_equals_the_original_in_float64():
+    """Every projection of a converted ViT and a converted Swin in three-layer form with all
+    directions kept: the same function as the unconverted torchvision model to 1e-10."""
+    from test_surgery import nothing_pruned_plan
+
+    from raykfe.surgery import KFELinear, apply_plan
+
+    for build, names in ((_vit, ("q_proj", "k_proj", "v_proj", "out_proj")), (_swin, ("qkv", "proj"))):
+        ref = build().double()
+        model = build().double()
+        convert_attention(model)
+        g = torch.Generator().manual_seed(5)
+        x, y = torch.randn(4, 3, 32, 32, generator=g, dtype=torch.float64), torch.randint(0, 10, (4,), generator=g)
+        plan, weights = nothing_pruned_plan(model, x, y)
+        rebuilt = [n for n in plan.layers if n.rsplit(".", 1)[-1] in names]
+        assert len(rebuilt) == 8  # ViT: 2 blocks x 4 projections; Swin: 4 blocks x 2
+        new = apply_plan(model, plan, weights).eval()
+        assert all(isinstance(new.get_submodule(n), KFELinear) for n in rebuilt)
+        with torch.no_grad():
+            torch.testing.assert_close(new(x), ref(x), rtol=0, atol=1e-10)
+
+
+def test_attention_factors_equal_a_per_example_brute_force():
+    """K-FAC factors of a ViT's q / k / v / out projections (empirical Fisher, float64): A is the
+    per-example mean over tokens of the projection's input (with a 1 appended for the bias), S
+    the per-example sum over tokens of the gradient of the example's loss w.r.t. the projection's
+    output, both averaged over the examples; brute force by one autograd call per example."""
+    model = _vit().double()
+    convert_attention(model)
+    g = torch.Generator().manual_seed(6)
+    x, y = torch.randn(3, 3, 32, 32, generator=g, dtype=torch.float64), torch.randint(0, 10, (3,), generator=g)
+    names = [f"encoder.layers.encoder_layer_0.self_attention.{p}" for p in ("q_proj", "k_proj", "v_proj", "out_proj")]
+    stats = raykfe.collect_factors(model, [(x, y)], fisher="empirical", layers=names)
+    for name in names:
+        mod = model.get_submodule(name)
+        A = torch.zeros(mod.in_features + 1, mod.in_features + 1, dtype=torch.float64)
+        S = torch.zeros(mod.out_features, mod.out_features, dtype=torch.float64)
+        for n in range(3):
+            seen = {}
+            h = mod.register_forward_hook(lambda m, i, o: seen.update(a=i[0].detach(), s=o))
+            loss = torch.nn.functional.cross_entropy(model(x[n : n + 1]), y[n : n + 1], reduction="sum")
+            h.remove()
+            (gs,) = torch.autograd.grad(loss, seen["s"])
+            a = torch.cat([seen["a"][0], torch.ones(seen["a"].shape[1], 1, dtype=torch.float64)], dim=1)  # [T, d_in + 1]
+            A += a.T @ a / a.shape[0]
+            S += gs[0].T @ gs[0]
+        torch.testing.assert_close(stats[name].A, A / 3, rtol=1e-10, atol=1e-14)
+        torch.testing.assert_close(stats[name].S, S / 3, rtol=1e-10, atol=1e-14)
