@@ -395,7 +395,9 @@ class ChannelGraph:
         self._unit_of_root: dict[str, np.ndarray] = {}
         self._sliced: dict[str, list[str]] = {}  # "out" member module -> its direct params sliced on dim 0
         self._layer_out: dict[str, int] = {}
+        self._heads: dict[str, str] = {}  # head group name -> its Attention module
         self._analyse(model, dg, unsafe, order)
+        self._attention_heads(model, order)
         for name, m in model.named_modules():
             if isinstance(m, _LAYER):
                 self._layer_out[name] = int(m.out_features if isinstance(m, nn.Linear) else m.out_channels)
@@ -458,6 +460,43 @@ class ChannelGraph:
         for name in self.exclude:
             if isinstance(model.get_submodule(name), _LAYER):
                 self.skipped[name] = "excluded by prune.exclude (its output channels are kept)"
+
+    def _attention_heads(self, model: nn.Module, order: list[str]) -> None:
+        """One group per :class:`raykfe.attention.Attention` whose projections are plain Linear
+        layers: its units are the heads, each owning its rows of q / k / v ("out") and its columns
+        of out_proj ("in"). torch-pruning cannot follow the head reshape (those layers were
+        skipped); the units are independent of the stream's channels, so the group composes with
+        every other one. Zeroing a head's v rows and bias makes its output exactly zero, as
+        everywhere else. Groups are kept in forward order of their roots."""
+        from .attention import Attention
+
+        taken = {(m.module, m.kind) for g in self.groups for m in g.members}
+        pos = {n: i for i, n in enumerate(order)}
+        for name, att in model.named_modules():
+            if type(att) is not Attention or att.num_heads < 2:
+                continue
+            parts = {p: f"{name}.{p}" for p in ("q_proj", "k_proj", "v_proj", "out_proj")}
+            mods = {p: model.get_submodule(n) for p, n in parts.items()}
+            h = att.num_heads
+            widths = (mods["q_proj"].out_features, mods["k_proj"].out_features, mods["v_proj"].out_features,
+                      mods["out_proj"].in_features)
+            if (any(type(m) is not nn.Linear for m in mods.values()) or widths[0] != widths[1] or widths[2] != widths[3]
+                    or any(w % h for w in widths) or parts["q_proj"] not in pos):
+                continue
+            if any(parts[p] in self.exclude for p in ("q_proj", "k_proj", "v_proj")):
+                continue
+            keys = [(parts[p], "out") for p in ("q_proj", "k_proj", "v_proj")] + [(parts["out_proj"], "in")]
+            if any(k in taken for k in keys):
+                continue
+            members = []
+            for (module, kind), width in zip(keys, widths):
+                idx = np.arange(width, dtype=np.int64)
+                members.append(Member(module, kind, idx, idx // (width // h)))
+            self.groups.append(ChannelGroup(parts["q_proj"], h, members))
+            self._heads[parts["q_proj"]] = name
+            for p in ("q_proj", "k_proj", "v_proj"):
+                self.skipped.pop(parts[p], None)
+        self.groups.sort(key=lambda g: pos.get(g.name, len(pos)))
 
     def _group_of(self, model, name, root, group, dg, ops, unsafe, mod_name, param_owner, param_dim, outputs, excluded):
         """(ChannelGroup or None, reason, names of the group's "out" modules). (Long: one walk over
@@ -837,7 +876,7 @@ def apply_channels(model: nn.Module, example_input: torch.Tensor, removed: Mappi
     was_training = new.training
     try:
         for g in graph.groups:
-            if g.name not in todo:
+            if g.name not in todo or g.name in graph._heads:
                 continue
             roots = np.nonzero(np.isin(graph._unit_of_root[g.name], todo[g.name]))[0].tolist()
             module = new.get_submodule(g.name)
@@ -847,10 +886,32 @@ def apply_channels(model: nn.Module, example_input: torch.Tensor, removed: Mappi
     finally:
         graph._dg = None
         new.train(was_training)
+    for g in graph.groups:
+        if g.name in graph._heads and g.name in todo:
+            _remove_heads(new, graph._heads[g.name], g, todo[g.name])
     for n, p in new.named_parameters():
         if n in flags:
             p.requires_grad_(flags[n])
     return new
+
+
+@torch.no_grad()
+def _remove_heads(model: nn.Module, attention: str, group: ChannelGroup, heads: Sequence[int]) -> None:
+    """Slice ``heads`` out of an Attention's projections (in place) and lower its head count."""
+    from .surgery import set_module
+
+    for mem in group.members:
+        lin = model.get_submodule(mem.module)
+        keep = torch.as_tensor(mem.index[~np.isin(mem.root, heads)])
+        out = mem.kind == "out"
+        new = nn.Linear(lin.in_features if out else keep.numel(), keep.numel() if out else lin.out_features,
+                        bias=lin.bias is not None, device=lin.weight.device, dtype=lin.weight.dtype)
+        new.weight.copy_(lin.weight[keep] if out else lin.weight[:, keep])
+        if lin.bias is not None:
+            new.bias.copy_(lin.bias[keep] if out else lin.bias)
+        set_module(model, mem.module, new.train(lin.training))
+    att = model.get_submodule(attention)
+    att.num_heads = group.size - len(set(heads))
 
 
 def channel_layer_fractions(graph: ChannelGraph, removed: Mapping[str, Sequence[int]]) -> dict[str, tuple[int, int]]:

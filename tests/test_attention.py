@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import copy
 import itertools
 import warnings
 
@@ -249,3 +250,50 @@ def test_attention_factors_equal_a_per_example_brute_force():
             S += gs[0].T @ gs[0]
         torch.testing.assert_close(stats[name].A, A / 3, rtol=1e-10, atol=1e-14)
         torch.testing.assert_close(stats[name].S, S / 3, rtol=1e-10, atol=1e-14)
+
+
+# --------------------------------------------------------------------------- heads in the channel methods
+
+
+def test_a_head_group_removes_heads_exactly():
+    """A ViT's attention heads are one channel group per block (units: heads): removing heads 1
+    and 3 equals zeroing their v rows (the head's output is then exactly zero), the module runs
+    with 2 heads of the same width, and the exact cost model matches the counted model."""
+    from raykfe.channels import ChannelGraph, apply_channels
+
+    model = _vit().double()
+    convert_attention(model)
+    x = torch.randn(3, 3, 32, 32, dtype=torch.float64)
+    graph = ChannelGraph(model, x[:1])
+    prefix = "encoder.layers.encoder_layer_0.self_attention"
+    heads = graph.group(f"{prefix}.q_proj")
+    assert heads.size == 4 and {(m.module.rsplit(".", 1)[-1], m.kind) for m in heads.members} == {
+        ("q_proj", "out"), ("k_proj", "out"), ("v_proj", "out"), ("out_proj", "in")}
+    new = apply_channels(model, x[:1], {heads.name: [1, 3]})
+    att = new.get_submodule(prefix)
+    assert att.num_heads == 2 and att.q_proj.out_features == att.v_proj.out_features == att.out_proj.in_features == 16
+    zeroed = copy.deepcopy(model)
+    with torch.no_grad():
+        v = zeroed.get_submodule(f"{prefix}.v_proj")
+        for h in (1, 3):
+            v.weight[h * 8:(h + 1) * 8] = 0
+            v.bias[h * 8:(h + 1) * 8] = 0
+        torch.testing.assert_close(new.eval()(x), zeroed(x), rtol=0, atol=1e-12)
+    c = raykfe.count(new, x[:1])
+    assert graph.cost({heads.name: 2}) == (c.params, c.macs)
+
+
+@pytest.mark.parametrize("method", ["c-obd", "kron-obs", "l1", "sosp-h"])
+def test_channel_methods_prune_a_vit_with_its_heads(method, tmp_path):
+    model = _vit()
+    g = torch.Generator().manual_seed(2)
+    batches = [(torch.randn(8, 3, 32, 32, generator=g), torch.randint(0, 10, (8,), generator=g)) for _ in range(2)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = raykfe.prune(model, batches, method=method, target="params:0.5")
+    assert res.plan.space == "channels" and res.plan.params_reduction >= 0.5  # was refused: at most 0.384 (MLPs only)
+    x = torch.randn(2, 3, 32, 32)
+    back = raykfe.load(raykfe.save(res, str(tmp_path / "r")), model=_vit()).model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), res.model.eval()(x), rtol=0, atol=0)
+    assert export_bytes(res.model, "pt2", [3, 32, 32])[1] < 1e-4
