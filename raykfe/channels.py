@@ -45,7 +45,9 @@ Decisions:
   rank > 2 input, which keep the last axis), a transpose/permute of a rank >= 5 tensor, a split
   or chunk of the channels, an op whose index mapping torch-pruning fails to build (the model is
   still analysed: such ops are treated as opaque and every group through them is skipped), a
-  transposed conv, a module type raykfe cannot slice (attention, LSTM, embeddings), an uneven use
+  transposed conv, a module type raykfe cannot slice (LSTM, embeddings, ``nn.MultiheadAttention``:
+  raykfe prunes its own :class:`raykfe.attention.Attention` by heads instead, see
+  :meth:`ChannelGraph._attention_heads`), an uneven use
   of the group's channels, or a depthwise conv fed by the model input. ShuffleNetV2's channel
   shuffle (view to rank 5, transpose, view back) and chunk are such ops: its stream groups cannot
   be pruned by index coupling at all (the shuffle interleaves the two halves, and the chunk needs
