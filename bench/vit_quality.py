@@ -47,7 +47,8 @@ import tp_peers as T  # noqa: E402
 import raykfe  # noqa: E402
 from raykfe.attention import convert_attention  # noqa: E402
 
-METHODS = "eigendamage,c-obd,c-obs,kron-obd,kron-obs,sosp-h,sosp-i,l1"
+#: sosp-i runs one JVP per structure (2,064 here) per example: its statistics see 2 batches of 64
+METHODS = "eigendamage,c-obd,c-obs,kron-obd,kron-obs,sosp-h,sosp-i:max_batches=2,l1"
 
 
 def vit() -> nn.Module:
@@ -118,7 +119,7 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seeds", default="0")
     ap.add_argument("--targets", default="0.5,0.8")
-    ap.add_argument("--methods", default=METHODS)
+    ap.add_argument("--methods", default=METHODS, help="comma-separated; a method may carry integer options: sosp-i:max_batches=2")
     ap.add_argument("--tp", default="magnitude,taylor")
     ap.add_argument("--base-epochs", type=int, default=100)
     ap.add_argument("--threads", type=int, default=2)
@@ -167,7 +168,9 @@ def main(argv=None) -> None:
                     if arm.startswith("tp-"):
                         model, got = tp_reach(base, arm[3:], grads[arm[3:]], frac, example)
                     else:
-                        res = raykfe.prune(base, batches, method=arm, target=f"flops:{frac:g}")
+                        name, _, opts = arm.partition(":")
+                        kw = {k: int(v) for k, v in (o.split("=") for o in opts.split(",") if o)}
+                        res = raykfe.prune(base, batches, method=name, target=f"flops:{frac:g}", **kw)
                         model, got = res.model, res.plan.macs_reduction
                 except Exception as exc:  # a refusal is a result
                     cells.setdefault((arm, frac), []).append(None)
