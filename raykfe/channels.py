@@ -201,6 +201,15 @@ def _next_to_linear(node) -> bool:
     return False
 
 
+def _source(node, ops, hops: int = 8):
+    """The node a tensor comes from before slices and element-wise ops with a single input (pads)."""
+    for _ in range(hops):
+        if node.type not in (ops.OPTYPE.ELEMENTWISE, getattr(ops.OPTYPE, "SLICE", None)) or len(node.inputs) != 1:
+            break
+        node = node.inputs[0]
+    return node
+
+
 def _unsafe_reason(node, ops) -> str | None:
     """Why torch-pruning's channel mapping through this (non-module) op cannot be trusted, or None."""
     fn = node.grad_fn
@@ -229,6 +238,13 @@ def _unsafe_reason(node, ops) -> str | None:
             f"passes a reshape {list(inp)} -> {list(out)} ({name}), e.g. a channel shuffle, which "
             "torch-pruning does not map channel by channel"
         )
+    if node.type == ops.OPTYPE.CONCAT:
+        sources = [_source(n, ops) for n in node.inputs]
+        if len(set(map(id, sources))) < len(sources):
+            return (
+                f"passes a concatenation of the same channels more than once ({name}, e.g. Swin's patch merging "
+                "of four strided slices), which torch-pruning does not map channel by channel"
+            )
     lname = name.lower()
     if ("transpose" in lname or "permute" in lname) and out is not None and len(out) >= 5:
         return f"passes a transpose of a rank-{len(out)} tensor ({name}), e.g. a channel shuffle"

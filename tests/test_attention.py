@@ -297,3 +297,22 @@ def test_channel_methods_prune_a_vit_with_its_heads(method, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(back(x), res.model.eval()(x), rtol=0, atol=0)
     assert export_bytes(res.model, "pt2", [3, 32, 32])[1] < 1e-4
+
+
+def test_channel_methods_prune_swin_whose_patch_merging_repeats_channels():
+    """Swin's patch merging concatenates four strided slices of one map: its stream groups are
+    skipped with that reason (torch-pruning's slicing through it broke the LayerNorm after it),
+    and a channel method prunes the MLP widths and the heads of the windowed attention."""
+    from raykfe.channels import ChannelGraph
+
+    model = _swin()
+    convert_attention(model)
+    x = torch.randn(1, 3, 32, 32)
+    graph = ChannelGraph(model, x)
+    assert any("concatenation of the same channels" in why for why in graph.skipped.values())
+    g = torch.Generator().manual_seed(3)
+    batches = [(torch.randn(8, 3, 32, 32, generator=g), torch.randint(0, 10, (8,), generator=g)) for _ in range(2)]
+    res = raykfe.prune(_swin(), batches, method="l1", target="params:0.3")
+    with torch.no_grad():
+        assert res.model.eval()(x).shape == (1, 10)
+    assert raykfe.count(res.model, x).params == res.plan.params
