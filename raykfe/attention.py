@@ -229,16 +229,13 @@ def attention_names(model: nn.Module) -> list[str]:
     return [n for n, m in model.named_modules() if _converter(m) is not None]
 
 
-def convert_attention(model: nn.Module, names: Optional[list[str]] = None) -> list[str]:
-    """Replace attention modules of ``model`` IN PLACE by raykfe's (all the convertible ones, or
-    ``names``); returns the names replaced. A module that is not convertible (already converted,
-    or with options raykfe does not cover) is left alone."""
+def convert_attention(model: nn.Module) -> list[str]:
+    """Replace every convertible attention module of ``model`` IN PLACE by raykfe's; returns the
+    names replaced. A module that is not convertible (already converted, or with options raykfe
+    does not cover) is left alone."""
     from .surgery import set_module
 
-    done = []
-    for name in attention_names(model) if names is None else names:
-        fn = _converter(model.get_submodule(name))
-        if fn is not None:
-            set_module(model, name, fn(model.get_submodule(name)))
-            done.append(name)
-    return done
+    names = attention_names(model)
+    for name in names:
+        set_module(model, name, _converter(model.get_submodule(name))(model.get_submodule(name)))
+    return names
