@@ -20,6 +20,7 @@ A job file has the sections below (every key optional, defaults shown by ``raykf
     ray:      {address, num_cpus, workers, use_gpu, cpus_per_worker, actor_cpus, actor_gpus, max_actors,
                max_failures, bucket_mb, resource_wait_s, verbose}
     latency:  {batches, repeats, threads, table, batch}   # inference latency of base and pruned in the report
+    sosp:     {classes, block, max_pairs}                  # SOSP-I's cost at scale (prune.method=sosp-i)
 
 Every error names the field, the value and the fix, in one line (:class:`ConfigError`).
 """
@@ -51,6 +52,7 @@ __all__ = [
     "OutputConfig",
     "RayConfig",
     "LatencyConfig",
+    "SospConfig",
     "load_config",
     "apply_overrides",
     "config_from_dict",
@@ -290,6 +292,24 @@ class LatencyConfig:
 
 
 @dataclass(frozen=True)
+class SospConfig:
+    """SOSP-I at scale (:mod:`raykfe.methods.gram`): ``classes``, the softmax directions kept per
+    example (null: every class, exact; each costs one backward pass per batch); ``block``,
+    structures per block of the pairwise matrix (memory ``block^2`` float64 per block pair);
+    ``max_pairs``, the block pairs computed (null: all, exact; fewer: sampled, unbiased for the row
+    sums, the estimate's standard error reported)."""
+
+    classes: int | None = None
+    block: int = 2048
+    max_pairs: int | None = None
+
+    def validate(self, p: str) -> None:
+        _check(self.classes is None or self.classes >= 1, f"{p}.classes", self.classes, "use a positive number of classes, or null for every class")
+        _check(self.block >= 1, f"{p}.block", self.block, "use a positive number of structures per block, e.g. 2048")
+        _check(self.max_pairs is None or self.max_pairs >= 1, f"{p}.max_pairs", self.max_pairs, "use a positive number of block pairs, or null for all")
+
+
+@dataclass(frozen=True)
 class SweepConfig:
     """``raykfe sweep``: the grid of trials (every combination) and how Ray Tune runs them.
 
@@ -374,6 +394,7 @@ class JobConfig:
     output: OutputConfig = field(default_factory=OutputConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     latency: LatencyConfig = field(default_factory=LatencyConfig)
+    sosp: SospConfig = field(default_factory=SospConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)  # read by `raykfe sweep` only
 
     def validate(self, p: str = "") -> None:

@@ -138,6 +138,9 @@ class _Bound:
     def measure(self, kind: str, spec: dict) -> dict[str, torch.Tensor]:
         return self.source.measure(self.model, self.plan, kind, spec, "stats" + self.suffix)
 
+    def log(self, message: str) -> None:
+        self.source.log(message)
+
 
 class BatchSource:
     """Statistics of the caller's ``batches`` (``(x, y)`` or ``(x, y, idx)``), computed in this

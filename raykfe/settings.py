@@ -71,6 +71,10 @@ class PruneSettings:
     * ``round_to``: every pruned KFE layer keeps a multiple of this many directions on each side
       it keeps (rounded up; the bisection removes more elsewhere): widths vector units and GEMM
       tiles like. A job's default is 1 on CPU and 8 on a GPU (BENCHMARKS.md, "round_to");
+    * ``sosp_classes``: SOSP-I keeps each example's ``sosp_classes`` most probable softmax
+      directions of the loss curvature (None: every class, exact); ``sosp_block``: structures per
+      block of SOSP-I's pairwise matrix; ``sosp_max_pairs``: block pairs computed (None: all, exact;
+      fewer: sampled, unbiased for the row sums) (:mod:`raykfe.methods.gram`);
     * ``progress``: progress bars on the statistics passes.
     """
 
@@ -99,6 +103,9 @@ class PruneSettings:
     latency_threads: int | None = None
     latency_device: str = "cpu"
     round_to: int = 1
+    sosp_classes: int | None = None
+    sosp_block: int = 2048
+    sosp_max_pairs: int | None = None
     progress: bool = False
 
     def __post_init__(self) -> None:
@@ -126,6 +133,9 @@ class PruneSettings:
             ("latency_batch", self.latency_batch >= 1, "use a positive batch size"),
             ("round_to", isinstance(self.round_to, int) and self.round_to >= 1, "use 1 (no rounding) or a width such as 8"),
             ("latency_threads", self.latency_threads is None or self.latency_threads >= 1, "use a positive thread count or None"),
+            ("sosp_classes", self.sosp_classes is None or self.sosp_classes >= 1, "use a positive number of classes, or None for all"),
+            ("sosp_block", self.sosp_block >= 1, "use a positive block size, e.g. 2048"),
+            ("sosp_max_pairs", self.sosp_max_pairs is None or self.sosp_max_pairs >= 1, "use a positive number of block pairs, or None for all"),
         ]
         for key, ok, fix in checks:
             if not ok:
@@ -169,5 +179,6 @@ class PruneSettings:
             latency_batch=cfg.latency.batch or max(cfg.latency.batches), latency_threads=cfg.latency.threads,
             latency_device="cuda" if str(cfg.device).startswith("cuda") else "cpu",
             round_to=p.round_to or (8 if str(cfg.device).startswith("cuda") else 1),
+            sosp_classes=cfg.sosp.classes, sosp_block=cfg.sosp.block, sosp_max_pairs=cfg.sosp.max_pairs,
             progress=cfg.progress,
         )

@@ -154,7 +154,8 @@ def test_every_method_from_the_api_meets_the_target():
 
 def test_channel_method_statistics_on_two_ray_workers_equal_single_process(ray_cluster, tmp_path, base_weights):
     """SOSP-H's per-shard gradient and Gauss-Newton-vector sums, and C-OBD's diagonal Fisher, are
-    all-reduced across the Train workers: the result equals the in-process pass."""
+    all-reduced across the Train workers, SOSP-I's factor gathered: the result equals the
+    in-process pass."""
     from raykfe.distributed.backend import RayBackend
 
     cfg = _tiny(tmp_path, base_weights, "sosp-h", "ray.workers=2", "runtime=ray")
@@ -168,11 +169,17 @@ def test_channel_method_statistics_on_two_ray_workers_equal_single_process(ray_c
     owner, _, total = structure_owner(model, graph)
     layers = sorted({m.module for g in graph.groups for m in g.members if m.kind == "out"
                      and isinstance(model.get_submodule(m.module), (torch.nn.Conv2d, torch.nn.Linear))})
-    for kind, spec in (("sosp-h", {"owner": owner_to_lists(owner), "n_structures": total}), ("diag-fisher", {"layers": layers})):
+    sosp = {"owner": owner_to_lists(owner), "n_structures": total}
+    for kind, spec in (("sosp-h", sosp), ("sosp-i", sosp), ("diag-fisher", {"layers": layers})):
         dist, local = RayBackend(cfg), LocalBackend()
         dist.open(JobContext.of(cfg)), local.open(JobContext.of(cfg))
         dist, local = dist.measure(recipe, state, kind, spec), local.measure(recipe, state, kind, spec)
         assert set(dist) == set(local)
+        if kind == "sosp-i":  # the factor's columns are GATHERED across workers: compare q_sum = v v^T
+            from raykfe.methods.sosp import SospIStats
+
+            dist, local = ({"q_sum": SospIStats.from_tensors(t).q_sum, "g_sum": t["g_sum"], "count": t["count"]}
+                           for t in (dist, local))
         for k in local:
             a, b = dist[k].to(torch.float64), local[k].to(torch.float64)
             scale = max(b.abs().max().item(), 1e-30)

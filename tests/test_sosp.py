@@ -145,19 +145,23 @@ def test_sosp_h_matches_dense(name):
 
 
 @pytest.mark.parametrize("name", list(MODELS))
-@pytest.mark.parametrize("chunk", [1, 4, 32])
-def test_sosp_i_matches_dense(name, chunk):
+@pytest.mark.parametrize("mode,chunk", [("forward", 1), ("forward", 4), ("forward", 32), ("reverse", 32)])
+def test_sosp_i_matches_dense(name, mode, chunk):
     model, owner, S, (x, y) = MODELS[name]()
     g, G, thetas = _dense(model, owner, S, x, y)
     Q = thetas @ G @ thetas.T  # [S, S]
     gdot = thetas @ g
-    stats = sosp_i_stats(model, [(x[:5], y[:5]), (x[5:], y[5:])], owner, S, chunk=chunk)
+    stats = sosp_i_stats(model, [(x[:5], y[:5]), (x[5:], y[5:])], owner, S, chunk=chunk, mode=mode)
     assert stats.q_sum.shape == (S, S) and stats.count == x.shape[0]
+    assert stats.v.shape[1] <= S  # the factor is compressed to at most S columns
+    assert stats.share() == pytest.approx(1.0, abs=1e-12)  # every class kept
     _assert_rel(stats.q_sum / stats.count, Q, 1e-10, "Q")
     _assert_rel(stats.g_sum / stats.count, gdot, 1e-10, "g^T theta_s")
     off = Q.abs().sum(1) - Q.diagonal().abs()
     expected = (0.5 * Q.diagonal() - gdot).abs() + 0.5 * off
     _assert_rel(sosp_i_scores(stats), expected, 1e-10, "SOSP-I scores")
+    for block in (1, 2, 5):  # Q in blocks: the same scores, whatever the block
+        _assert_rel(sosp_i_scores(stats, block=block), expected, 1e-10, f"SOSP-I scores in blocks of {block}")
     # SOSP-H is SOSP-I's row sums: theta_s^T G theta = sum_s' Q_ss'
     h = sosp_h_scores(model, owner, sosp_h_stats(model, [(x, y)], owner), S)
     _assert_rel(h, (0.5 * Q.sum(1) - gdot).abs(), 1e-10, "SOSP-H vs SOSP-I row sums")
@@ -168,7 +172,7 @@ def test_sosp_i_micro_batches(monkeypatch):
     model, owner, S, (x, y) = _convnet()
     whole = sosp_i_stats(model, [(x, y)], owner, S)
     monkeypatch.setattr(sosp, "_U_BUDGET", 1)
-    split = sosp_i_stats(model, [(x, y)], owner, S, chunk=3)
+    split = sosp_i_stats(model, [(x, y)], owner, S, chunk=3, mode="forward")
     _assert_rel(split.q_sum, whole.q_sum, 1e-12, "q_sum")
     _assert_rel(split.g_sum, whole.g_sum, 1e-12, "g_sum")
 
@@ -199,6 +203,10 @@ def test_shards_merge_and_round_trip(name):
     back_i = SospIStats.from_tensors(merged_i.to_tensors())
     assert back_i.count == merged_i.count
     assert torch.equal(back_i.q_sum, merged_i.q_sum) and torch.equal(back_i.g_sum, merged_i.g_sum)
+    # shards merge by concatenating the factor's columns: a gather, named so for the all-reduce
+    ti, tj = sosp_i_stats(model, [a], owner, S).to_tensors(), sosp_i_stats(model, [b], owner, S).to_tensors()
+    gathered = SospIStats.from_tensors({k: torch.cat([ti[k], tj[k]], 1) if k.startswith("cat::") else ti[k] + tj[k] for k in ti})
+    _assert_rel(gathered.q_sum, full_i.q_sum, 1e-12, "gathered q_sum")
     # an all-reduce sums the flat tensors: summing two shards' tensors is a merge too
     ta, tb = sosp_h_stats(model, [a], owner).to_tensors(), sosp_h_stats(model, [b], owner).to_tensors()
     summed = SospStats.from_tensors({k: ta[k] + tb[k] for k in ta})
@@ -338,8 +346,10 @@ def test_logit_structures_second_order_is_exact():
 
 def test_errors():
     model, owner, S, (x, y) = _mlp()
-    with pytest.raises(ConfigError, match="sosp-h"):
-        sosp_i_stats(model, [(x, y)], owner, MAX_SOSP_I_STRUCTURES + 1)
+    with pytest.raises(ConfigError, match="sosp-h"):  # forward mode: S JVPs per example, bounded
+        sosp_i_stats(model, [(x, y)], owner, MAX_SOSP_I_STRUCTURES + 1, mode="forward")
+    with pytest.raises(ConfigError, match="classes"):
+        sosp_i_stats(model, [(x, y)], owner, S, classes=0)
     with pytest.raises(ConfigError, match="n_structures"):
         sosp_i_stats(model, [(x, y)], owner, 5)  # ids up to 13
     with pytest.raises(ConfigError, match="does not have"):

@@ -14,7 +14,10 @@ import torch.distributed as dist
 
 from ..factors import LayerStats
 
-__all__ = ["allreduce_stats", "allreduce_tensors", "pack_triangles", "unpack_triangles"]
+__all__ = ["allreduce_stats", "allreduce_tensors", "gather_columns", "pack_triangles", "unpack_triangles", "GATHER"]
+
+#: a statistic's key with this prefix is gathered (its columns concatenated over ranks), not summed
+GATHER = "cat::"
 
 
 def pack_triangles(stats: Mapping[str, LayerStats]) -> tuple[torch.Tensor, list]:
@@ -72,8 +75,10 @@ def allreduce_stats(stats: Mapping[str, LayerStats], *, bucket_bytes: int = 64 <
 def allreduce_tensors(tensors: dict[str, torch.Tensor], *, bucket_bytes: int = 64 << 20, device=None) -> dict[str, torch.Tensor]:
     """Sum a dict of tensors (sums and counts, any shapes) over all ranks; returns float64 copies
     shaped as given (the count entries come back as float64 too: round them)."""
+    gathered = {n: gather_columns(t, device=device) for n, t in tensors.items() if n.startswith(GATHER)}
+    tensors = {n: t for n, t in tensors.items() if not n.startswith(GATHER)}
     if not _distributed():
-        return dict(tensors)
+        return {**tensors, **gathered}
     names = list(tensors)
     flat = _allreduce_flat(torch.cat([tensors[n].detach().reshape(-1).to(torch.float64).cpu() for n in names]), bucket_bytes, device)
     out, offset = {}, 0
@@ -81,4 +86,25 @@ def allreduce_tensors(tensors: dict[str, torch.Tensor], *, bucket_bytes: int = 6
         t = tensors[n]
         out[n] = flat[offset:offset + t.numel()].reshape(t.shape).to(t.dtype if t.is_floating_point() else torch.float64)
         offset += t.numel()
-    return out
+    return {**out, **gathered}
+
+
+def gather_columns(t: torch.Tensor, *, device=None) -> torch.Tensor:
+    """``[rows, cols_r]`` of every rank concatenated along the columns, in rank order (float64, CPU).
+
+    Ranks may hold different numbers of columns: each is padded to the widest and the padding
+    dropped after the all-gather (gloo and NCCL gather equal shapes only)."""
+    t = t.detach().to(torch.float64)
+    if not _distributed():
+        return t.cpu()
+    if device is not None:
+        t = t.to(device)
+    t = t.contiguous()
+    widths = [torch.zeros(1, dtype=torch.int64, device=t.device) for _ in range(dist.get_world_size())]
+    dist.all_gather(widths, torch.tensor([t.shape[1]], dtype=torch.int64, device=t.device))
+    widest = int(max(w.item() for w in widths))
+    padded = torch.zeros(t.shape[0], widest, dtype=t.dtype, device=t.device)
+    padded[:, : t.shape[1]] = t
+    parts = [torch.empty_like(padded) for _ in widths]
+    dist.all_gather(parts, padded)
+    return torch.cat([p[:, : int(w.item())] for p, w in zip(parts, widths)], dim=1).cpu()

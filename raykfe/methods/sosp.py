@@ -83,6 +83,7 @@ anyway. All sums are float64; the passes themselves run in the model's dtype.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Callable, Iterable, Mapping
 
@@ -93,6 +94,7 @@ from torch.func import functional_call, jvp, vmap
 
 from ..capture import StatisticsPass
 from ..errors import ConfigError
+from .gram import GramRows, gram_abs_rows
 from . import ChannelScores, Method, register, register_statistic
 
 __all__ = [
@@ -170,41 +172,61 @@ class SospStats:
 
 @dataclass
 class SospIStats:
-    """SOSP-I sums over examples, float64: ``q_sum [S, S]``, ``g_sum [S]`` and ``count = N``.
+    """SOSP-I sums over examples, float64: a factor ``v [S, D]`` of ``q_sum = v v^T`` (``D <= S``),
+    ``g_sum [S]``, ``count = N`` and ``trace``: ``[kept, all]`` sums of the softmax curvature's trace
+    over the examples (their ratio: the share the kept directions hold, 1 when every class is kept).
 
-    ``Q = q_sum / count`` with ``Q_ss' = theta_s^T G theta_s'``; ``g_sum / count = g^T theta_s``.
+    ``Q = q_sum / count`` with ``Q_ss' = theta_s^T G theta_s'``; ``g_sum / count = g^T theta_s``. The
+    columns of ``v`` belong to (example, softmax direction) pairs, so shards merge by concatenating
+    them (a gather, not a sum: ``to_tensors`` names the factor ``cat::v``); a factor wider than ``S``
+    is compressed to ``S`` columns with the same ``v v^T`` (a QR, exact up to rounding).
     """
 
-    q_sum: torch.Tensor
+    v: torch.Tensor
     g_sum: torch.Tensor
     count: int = 0
+    trace: torch.Tensor | None = None
+
+    @property
+    def q_sum(self) -> torch.Tensor:
+        """``v v^T`` ``[S, S]`` (only for models small enough to hold it)."""
+        return self.v @ self.v.T
+
+    def share(self) -> float:
+        """The share of the softmax curvature's trace the kept directions hold."""
+        if self.trace is None or float(self.trace[1]) <= 0:
+            return 1.0
+        return float(self.trace[0] / self.trace[1])
 
     def merge(self, other: "SospIStats") -> "SospIStats":
-        if self.q_sum.shape != other.q_sum.shape:
-            raise ValueError(
-                f"cannot merge SOSP-I statistics of {self.q_sum.shape[0]} and {other.q_sum.shape[0]} structures"
-            )
+        if self.v.shape[0] != other.v.shape[0]:
+            raise ValueError(f"cannot merge SOSP-I statistics of {self.v.shape[0]} and {other.v.shape[0]} structures")
+        trace = None if self.trace is None or other.trace is None else self.trace + other.trace
         return SospIStats(
-            self.q_sum + other.q_sum.to(self.q_sum.device),
+            _compress(torch.cat([self.v, other.v.to(self.v.device)], dim=1)),
             self.g_sum + other.g_sum.to(self.g_sum.device),
             self.count + other.count,
+            trace,
         )
 
     def to_tensors(self) -> dict[str, torch.Tensor]:
-        return {
-            "q_sum": self.q_sum.detach().cpu().contiguous(),
+        out = {
+            "cat::v": self.v.detach().cpu().contiguous(),
             "g_sum": self.g_sum.detach().cpu().contiguous(),
             _COUNT: torch.tensor(self.count, dtype=torch.int64),
         }
+        if self.trace is not None:
+            out["trace"] = self.trace.detach().cpu().to(torch.float64)
+        return out
 
     @classmethod
     def from_tensors(cls, tensors: Mapping[str, torch.Tensor]) -> "SospIStats":
-        missing = [k for k in ("q_sum", "g_sum", _COUNT) if k not in tensors]
+        missing = [k for k in ("cat::v", "g_sum", _COUNT) if k not in tensors]
         if missing:
             raise ValueError(f"SOSP-I statistics tensors lack {missing}")
-        return cls(
-            tensors["q_sum"].to(torch.float64), tensors["g_sum"].to(torch.float64), int(tensors[_COUNT].item())
-        )
+        trace = tensors.get("trace")
+        return cls(_compress(tensors["cat::v"].to(torch.float64)), tensors["g_sum"].to(torch.float64),
+                   int(tensors[_COUNT].item()), None if trace is None else trace.to(torch.float64))
 
 
 def _check_same(what: str, a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> None:
@@ -371,6 +393,140 @@ def sosp_h_scores(model: nn.Module, owner: Mapping[str, torch.Tensor], stats: So
 # ---------------------------------------------------------------------------------------- SOSP-I
 
 
+def _compress(v: torch.Tensor) -> torch.Tensor:
+    """A factor with at most ``S`` columns and the same ``v v^T`` (``v^T = QR`` -> ``R^T``)."""
+    if v.shape[1] <= v.shape[0]:
+        return v
+    return torch.linalg.qr(v.T, mode="r").R.T.contiguous()
+
+
+def _layer_axis(module: nn.Module) -> int | None:
+    """The output axis whose channel ``o`` depends on the dim-0 slice ``o`` of the module's own
+    parameters and on nothing else of them, or None for a module raykfe does not know that of."""
+    if isinstance(module, nn.modules.conv._ConvNd) and not module.transposed:
+        return 1
+    if isinstance(module, (nn.modules.batchnorm._NormBase, nn.GroupNorm)):
+        return 1
+    if isinstance(module, nn.Linear):
+        return -1
+    if isinstance(module, nn.LayerNorm):
+        if type(module).forward is nn.LayerNorm.forward:
+            return -len(module.normalized_shape)
+        return 1 if len(module.normalized_shape) == 1 else None  # a channels-first wrapper (LayerNorm2d)
+    params = list(module.parameters(recurse=False))  # a per-channel scale [C, 1, ..., 1] (ConvNeXt's layer scale)
+    if params and all(p.dim() >= 2 and all(d == 1 for d in p.shape[1:]) for p in params):
+        return 1
+    return None
+
+
+class _Probe:
+    """Reverse-mode SOSP-I: ``v_s = <J^T a, theta_s>`` for every structure from ONE backward pass.
+
+    Every module owning structure slices gets a forward hook that adds a zero leaf to its output
+    (whose gradient is then ``dlogits/doutput`` contracted with the cotangent ``a``) and keeps the
+    module's JVP along its owned slices, ``dy``, computed on the hook's input. Channel ``o`` of ``dy``
+    is the JVP along the structure owning slice ``o`` alone (the module acts per channel:
+    :func:`_layer_axis`), so ``<J^T a, theta_s> = sum over the calls and channels of s of
+    sum_positions grad * dy``: per example, because the examples of an eval-mode batch are independent.
+    """
+
+    def __init__(self, model: nn.Module, own: Mapping[str, torch.Tensor]) -> None:
+        self.model = model
+        self.layers: dict[nn.Module, tuple[str, list[str], torch.Tensor, int]] = {}
+        self.masks: dict[nn.Module, dict[str, torch.Tensor]] = {}
+        self.unsupported: list[str] = []
+        by_module: dict[str, dict[str, torch.Tensor]] = {}
+        for pname, ids in own.items():
+            mod, _, local = pname.rpartition(".")
+            by_module.setdefault(mod, {})[local] = ids
+        for mod, params in by_module.items():
+            module = model.get_submodule(mod)
+            axis = _layer_axis(module)
+            chan = None
+            for ids in params.values():
+                if chan is None:
+                    chan = ids.clone()
+                elif chan.shape != ids.shape or bool(((chan >= 0) & (ids >= 0) & (chan != ids)).any()):
+                    axis = None  # two parameters of one channel owned by different structures
+                    break
+                else:
+                    chan = torch.where(chan >= 0, chan, ids)
+            if axis is None:
+                self.unsupported.append(f"{mod or 'the model'} ({type(module).__name__})")
+                continue
+            self.layers[module] = (mod, list(params), chan, axis)
+            self.masks[module] = {n: ids >= 0 for n, ids in params.items()}
+        self.calls: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]] = []
+        self.busy = False
+        self.handles: list = []
+
+    def __enter__(self) -> "_Probe":
+        self.handles = [m.register_forward_hook(self._hook, with_kwargs=True) for m in self.layers]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles, self.calls = [], []
+
+    def _hook(self, module, args, kwargs, out):
+        if self.busy:
+            return None
+        name, locals_, chan, axis = self.layers[module]
+        if not isinstance(out, torch.Tensor) or out.dim() < 2 or out.shape[axis] != chan.shape[0]:
+            raise ConfigError(
+                f"SOSP-I cannot read {name} ({type(module).__name__}): its output {tuple(getattr(out, 'shape', ()))} has "
+                f"no axis of its {chan.shape[0]} channels where raykfe expects one: use method sosp-h"
+            )
+        own = dict(module.named_parameters(recurse=False))
+        primals = tuple(own[n].detach() for n in locals_)
+        tangents = tuple(p * _rows(self.masks[module][n], p) for n, p in zip(locals_, primals))
+        f = lambda *ps: functional_call(module, dict(zip(locals_, ps)), args, kwargs)  # noqa: E731
+        self.busy = True
+        try:
+            with torch.no_grad():
+                dy = jvp(f, primals, tangents)[1]
+        finally:
+            self.busy = False
+        m = out.shape[0]
+        dy = dy.detach().movedim(axis, 1).reshape(m, chan.shape[0], -1)
+        leaf = torch.zeros_like(out, requires_grad=True)
+        self.calls.append((leaf, dy, chan.to(out.device), axis))
+        return out + leaf
+
+    def contract(self, logits: torch.Tensor, cotangent: torch.Tensor, n_structures: int) -> torch.Tensor:
+        """``[S, m]``: ``<J_n^T cotangent_n, theta_s>`` for every structure and example."""
+        leaves = [c[0] for c in self.calls]
+        grads = torch.autograd.grad(logits, leaves, cotangent, retain_graph=True, allow_unused=True)
+        m = logits.shape[0]
+        out = torch.zeros(n_structures, m, dtype=torch.float64, device=logits.device)
+        for (_, dy, chan, axis), g in zip(self.calls, grads):
+            if g is None:
+                continue
+            per = (g.movedim(axis, 1).reshape(m, chan.shape[0], -1) * dy).sum(dim=-1)  # [m, channels]
+            keep = chan >= 0
+            out.index_add_(0, chan[keep], per[:, keep].T.to(torch.float64))
+        return out
+
+
+def _softmax_columns(p: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cotangents ``a_j = sqrt(p_c) (e_c - p)`` for each example's ``k`` most probable classes ``c``
+    (``[k, m, C]``; ``H = sum over all C of a a^T``) and the share of ``trace(H)`` they keep, summed."""
+    m, C = p.shape
+    top = p.topk(k, dim=1).indices  # [m, k]
+    norms = p * (1 - 2 * p + p.square().sum(dim=1, keepdim=True))  # ||a_c||^2 for every class
+    kept = norms.gather(1, top).sum()
+    cols = []
+    rows = torch.arange(m, device=p.device)
+    for j in range(k):
+        c = top[:, j]
+        pc = p[rows, c].sqrt()[:, None]
+        a = -pc * p
+        a[rows, c] += pc[:, 0]
+        cols.append(a)
+    return torch.stack(cols), torch.stack([kept, norms.sum()]).to(torch.float64)
+
+
 def sosp_i_stats(
     model: nn.Module,
     batches: Iterable,
@@ -378,58 +534,95 @@ def sosp_i_stats(
     n_structures: int,
     *,
     max_batches: int | None = None,
+    classes: int | None = None,
+    mode: str = "auto",
     chunk: int = 32,
     progress: bool = False,
 ) -> SospIStats:
-    """SOSP-I sums over ``batches``: ``q_sum [S, S]`` and ``g_sum [S]`` (see the module docstring).
+    """SOSP-I sums over ``batches``: a factor ``v`` of ``q_sum`` and ``g_sum`` (module docstring).
 
-    ``chunk`` structures share one vmapped JVP (memory ``chunk`` x the owned parameters);
-    ``chunk=1`` runs a plain loop.
+    ``mode="reverse"`` (the default where every owning module is one raykfe knows, ``"auto"``):
+    per batch one forward and ``k + 1`` backward passes, ``k`` the softmax directions kept per
+    example (``classes``, None: all, exact); ``mode="forward"``: one JVP per structure per example
+    (``chunk`` structures per vmapped call), exact, refused above ``MAX_SOSP_I_STRUCTURES``.
     """
-    if n_structures > MAX_SOSP_I_STRUCTURES:
-        raise ConfigError(
-            f"n_structures={n_structures} is above the SOSP-I limit of {MAX_SOSP_I_STRUCTURES} "
-            f"(S^2 pairs, S JVPs per example): use method sosp-h, which costs one JVP per batch"
-        )
     if n_structures < 1:
         raise ConfigError(f"n_structures={n_structures} must be >= 1")
     if chunk < 1:
         raise ConfigError(f"chunk={chunk} must be >= 1 (structures per vmapped JVP)")
+    if classes is not None and classes < 1:
+        raise ConfigError(f"sosp.classes={classes} must be >= 1, or null for every class")
+    if mode not in ("auto", "reverse", "forward"):
+        raise ConfigError(f"SOSP-I mode={mode!r}: use 'auto', 'reverse' or 'forward'")
     own = _owned(model, owner, n_structures)
-    names = list(own)
-    device = next(model.parameters()).device
     S = n_structures
-    q_sum = torch.zeros(S, S, dtype=torch.float64, device=device)
+    probe = _Probe(model, own)
+    if mode == "auto":
+        mode = "forward" if probe.unsupported else "reverse"
+    if mode == "reverse" and probe.unsupported:
+        raise ConfigError(f"SOSP-I's reverse mode cannot read {', '.join(probe.unsupported)}: use mode 'forward' or method sosp-h")
+    if mode == "forward" and S > MAX_SOSP_I_STRUCTURES:
+        raise ConfigError(
+            f"n_structures={n_structures} is above the SOSP-I limit of {MAX_SOSP_I_STRUCTURES} for "
+            f"{', '.join(probe.unsupported) or 'forward mode'} (S JVPs per example): use method sosp-h"
+        )
+    device = next(model.parameters()).device
     g_sum = torch.zeros(S, dtype=torch.float64, device=device)
+    trace = torch.zeros(2, dtype=torch.float64)
+    parts: list[torch.Tensor] = []
+    width = 0
     count = 0
     with StatisticsPass(model, "SOSP-I statistics", max_batches=max_batches, progress=progress) as run:
-        func = _Functional(model, names)
-        starts = list(range(0, S, chunk))
-
-        def tangents(start: int) -> tuple[torch.Tensor, ...]:
-            ids = torch.arange(start, min(start + chunk, S), device=device)
-            return tuple(
-                _rows(own[n].to(device)[None, :] == ids[:, None], w) * w[None] for n, w in zip(names, func.primals)
-            )  # each [k, *param.shape]
-
+        func = _Functional(model, list(own)) if mode == "forward" else None
         for x, y, _ in run.batches(batches):
-            with torch.no_grad():
-                logits = func.fn(x)(*func.primals)
-            p, r = _targets(logits, y)
-            n_ex, C = logits.shape
-            m = max(1, min(n_ex, _U_BUDGET // max(1, S * C)))
-            for lo in range(0, n_ex, m):
-                xm, pm, rm = x[lo : lo + m], p[lo : lo + m].to(torch.float64), r[lo : lo + m].to(torch.float64)
-                U = _structure_jvps(func.fn(xm), func.primals, tangents, starts, (S, xm.shape[0], C), device)
-                V = (U * pm.sqrt()[None]).reshape(S, -1)  # [S, m*C]
-                W = torch.einsum("smc,mc->sm", U, pm)  # [S, m]
-                q_sum += V @ V.T - W @ W.T
-                g_sum += torch.einsum("smc,mc->s", U, rm)
-            count += n_ex
+            if mode == "reverse":
+                with probe, torch.enable_grad():
+                    logits = model(x)
+                    p, r = _targets(logits, y)
+                    k = min(classes or logits.shape[1], logits.shape[1])
+                    cots, tr = _softmax_columns(p, k)
+                    cols = torch.stack([probe.contract(logits, a, S) for a in cots], dim=2)  # [S, m, k]
+                    g_sum += probe.contract(logits, r, S).sum(dim=1)
+                trace += tr.cpu()
+                v = cols.reshape(S, -1)
+            else:
+                v, g = _forward_columns(func, x, y, own, S, chunk, device)
+                g_sum += g
+                trace += 1.0  # every direction kept: the shares are equal
+            parts.append(v)
+            width += v.shape[1]
+            if width > 2 * S:  # keep at most S columns (plus one batch)
+                parts = [_compress(torch.cat(parts, dim=1))]
+                width = parts[0].shape[1]
+            count += int(x.shape[0])
     if count == 0:
         raise ConfigError("no batch was seen: the data given for SOSP statistics is empty")
-    q_sum = 0.5 * (q_sum + q_sum.T)  # exactly symmetric (the matmuls are only up to rounding)
-    return SospIStats(q_sum, g_sum, count)
+    return SospIStats(_compress(torch.cat(parts, dim=1)), g_sum, count, trace)
+
+
+def _forward_columns(func: "_Functional", x, y, own, S: int, chunk: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward mode: ``U [S, m, C]`` by one JVP per structure, then the factor columns
+    ``sqrt(p_c) (u_c - p . u)`` of every example and class, and ``g`` ``[S]``."""
+    names = list(own)
+    with torch.no_grad():
+        logits = func.fn(x)(*func.primals)
+    p, r = _targets(logits, y)
+    n_ex, C = logits.shape
+    m = max(1, min(n_ex, _U_BUDGET // max(1, S * C)))
+    starts = list(range(0, S, chunk))
+
+    def tangents(start: int) -> tuple[torch.Tensor, ...]:
+        ids = torch.arange(start, min(start + chunk, S), device=device)
+        return tuple(_rows(own[n].to(device)[None, :] == ids[:, None], w) * w[None] for n, w in zip(names, func.primals))
+
+    cols, g = [], torch.zeros(S, dtype=torch.float64, device=device)
+    for lo in range(0, n_ex, m):
+        pm, rm = p[lo:lo + m].to(torch.float64), r[lo:lo + m].to(torch.float64)
+        U = _structure_jvps(func.fn(x[lo:lo + m]), func.primals, tangents, starts, (S, pm.shape[0], C), device)
+        centred = U - torch.einsum("smc,mc->sm", U, pm)[..., None]
+        cols.append((centred * pm.sqrt()[None]).reshape(S, -1))
+        g += torch.einsum("smc,mc->s", U, rm)
+    return torch.cat(cols, dim=1), g
 
 
 def _structure_jvps(f, primals, tangents, starts, shape, device) -> torch.Tensor:
@@ -447,19 +640,28 @@ def _structure_jvps(f, primals, tangents, starts, shape, device) -> torch.Tensor
     return U
 
 
-def sosp_i_scores(stats: SospIStats) -> np.ndarray:
-    """``score_s = | -gdot_s + 1/2 Q_ss | + 1/2 sum_{s' != s} |Q_ss'|`` ``[S]`` float64.
+def sosp_i_rows(stats: SospIStats, *, block: int = 2048, max_pairs: int | None = None, seed: int = 0,
+                workers: int | None = None) -> tuple[np.ndarray, GramRows]:
+    """``(scores, rows)``: ``score_s = | -gdot_s + 1/2 Q_ss | + 1/2 sum_{s' != s} |Q_ss'|`` ``[S]``
+    float64, the row sums of ``|Q|`` computed in blocks (:func:`raykfe.methods.gram.gram_abs_rows`,
+    sampled when ``max_pairs`` is below the number of block pairs).
 
     The SOSP-I saliency from s's row of ``Q``: an upper bound on ``|s's share of dL(M)|`` over every
     removal set ``M`` containing ``s`` (module docstring).
     """
     if stats.count < 1:
         raise ConfigError("the SOSP-I statistics are empty (count=0): collect them with sosp_i_stats first")
-    Q = stats.q_sum.detach().cpu().to(torch.float64) / stats.count
-    gdot = stats.g_sum.detach().cpu().to(torch.float64) / stats.count
-    diag = Q.diagonal()
-    off = Q.abs().sum(dim=1) - diag.abs()
-    return ((0.5 * diag - gdot).abs() + 0.5 * off).numpy()
+    rows = gram_abs_rows(stats.v, block=block, max_pairs=max_pairs, seed=seed, workers=workers)
+    n = stats.count
+    diag = rows.diag / n
+    gdot = stats.g_sum.detach().cpu().to(torch.float64).numpy() / n
+    off = rows.rows / n - np.abs(diag)
+    return np.abs(0.5 * diag - gdot) + 0.5 * off, rows
+
+
+def sosp_i_scores(stats: SospIStats, **kw) -> np.ndarray:
+    """The SOSP-I scores alone (:func:`sosp_i_rows`)."""
+    return sosp_i_rows(stats, **kw)[0]
 
 
 # ------------------------------------------------------------------------------------------ methods
@@ -506,27 +708,63 @@ def _sosp_h_statistic(model, batches, spec, *, fisher, seed, max_batches, progre
 @register_statistic("sosp-i")
 def _sosp_i_statistic(model, batches, spec, *, fisher, seed, max_batches, progress) -> dict[str, torch.Tensor]:
     return sosp_i_stats(model, batches, owner_from_lists(spec["owner"]), spec["n_structures"], max_batches=max_batches,
-                        progress=progress).to_tensors()
+                        classes=spec.get("classes"), progress=progress).to_tensors()
+
+
+def sosp_i_cost(S: int, classes: int | None, num_classes: int, block: int, max_pairs: int | None) -> str:
+    """What an SOSP-I run will cost, said before it starts: passes per batch and the block pairs of Q."""
+    from .gram import block_pairs
+
+    k = min(classes or num_classes, num_classes)
+    pairs, B, total = block_pairs(S, block, max_pairs)
+    gflop = 2.0 * len(pairs) * min(block, S) ** 2 * S / 1e9  # the factor has at most S columns
+    kind = "every pair" if len(pairs) == total else f"{len(pairs)} of {total} pairs sampled"
+    return (f"sosp-i: {S} structures; per batch 1 forward and {k + 1} backward passes ({k} softmax direction"
+            f"{'s' if k != 1 else ''} per example, about {(2 * k + 4) / 3:.1f} training steps); Q in {B} block"
+            f"{'s' if B != 1 else ''} of {min(block, S)}: {kind}, at most {gflop:.1f} GFLOP")
 
 
 class Sosp(Method):
     """SOSP-H / SOSP-I: every group channel is a structure (:func:`structure_owner`), scored from
-    the statistic of the same name, all-reduced across workers like any sum."""
+    the statistic of the same name, all-reduced across workers (SOSP-I's factor: gathered)."""
 
     def channel_scores(self, model, graph, source, settings) -> ChannelScores:
         owner, offsets, total = structure_owner(model, graph)
-        if self.name == "sosp-i" and total > MAX_SOSP_I_STRUCTURES:  # refuse before the pass, not after
-            raise ConfigError(
-                f"the model has {total} channel structures, above the SOSP-I limit of {MAX_SOSP_I_STRUCTURES} "
-                "(S^2 pairs, S JVPs per example): use method sosp-h, which costs one JVP per batch"
-            )
-        tensors = source.measure(self.statistics, {"owner": owner_to_lists(owner), "n_structures": total})
+        spec = {"owner": owner_to_lists(owner), "n_structures": total}
+        if self.name == "sosp-i":
+            probe = _Probe(model, _owned(model, owner, total))
+            if probe.unsupported and total > MAX_SOSP_I_STRUCTURES:  # refuse before the pass, not after
+                raise ConfigError(
+                    f"the model has {total} channel structures and SOSP-I's reverse mode cannot read "
+                    f"{', '.join(probe.unsupported)}; forward mode stops at {MAX_SOSP_I_STRUCTURES} structures "
+                    "(S JVPs per example): use method sosp-h, which costs one JVP per batch"
+                )
+            spec["classes"] = settings.sosp_classes
+            out = _logits_width(model)
+            source.log("raykfe: " + sosp_i_cost(total, settings.sosp_classes, out, settings.sosp_block, settings.sosp_max_pairs))
+        tensors = source.measure(self.statistics, spec)
         if self.name == "sosp-h":
             s = sosp_h_scores(model, owner, SospStats.from_tensors(tensors), total)
         else:
-            s = sosp_i_scores(SospIStats.from_tensors(tensors))
+            stats = SospIStats.from_tensors(tensors)
+            t0 = time.perf_counter()
+            s, rows = sosp_i_rows(stats, block=settings.sosp_block, max_pairs=settings.sosp_max_pairs, seed=settings.seed)
+            source.log(f"raykfe: sosp-i: {stats.count} examples, Q factor of {stats.v.shape[1]} columns, "
+                       f"{rows.pairs} of {rows.total_pairs} block pairs in {time.perf_counter() - t0:.1f} s; "
+                       f"softmax curvature kept {100 * stats.share():.1f}%"
+                       + ("" if rows.exact else f"; sampled row sums: median relative standard error "
+                                                f"{100 * rows.relative_error():.1f}%"))
         s = np.asarray(s, dtype=np.float64)
         return ChannelScores({g.name: s[offsets[g.name]:offsets[g.name] + g.size] for g in graph.groups})
+
+
+def _logits_width(model: nn.Module) -> int:
+    """The number of classes: the last Linear's output width (what the softmax directions count)."""
+    spec = getattr(model, "raykfe_spec", None) or {}
+    if spec.get("num_classes"):
+        return int(spec["num_classes"])
+    last = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    return int(last[-1].out_features) if last else 1
 
 
 #: scores divided by their group's mean before the global ranking (bench/quality.py, seed 0: BENCHMARKS.md)
