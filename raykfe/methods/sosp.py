@@ -41,13 +41,22 @@ SOSP-I (:func:`sosp_i_stats`, :func:`sosp_i_scores`) keeps every pair::
     Q_ss' = theta_s^T G theta_s' = (1/N) sum_n u_sn^T H_n u_s'n,   u_sn = J_n theta_s  [C]
     gdot_s = g^T theta_s         = (1/N) sum_n r_n^T u_sn
 
-so no backward pass is needed at all: one JVP per structure per example (``torch.func.vmap`` over
-``chunk`` tangents at a time). With ``H_n = diag(p_n) - p_n p_n^T`` the ``[S, S]`` sum over a
-micro-batch of ``m`` examples is ``V V^T - W W^T`` with ``V = U * sqrt(p)`` reshaped ``[S, m*C]``
-and ``W = U p`` ``[S, m]``; the micro-batch size keeps ``U`` (``[S, m, C]``, float64) under
-``_U_BUDGET`` elements. Cost: ``S`` forward-mode passes over the data (``S`` times a forward),
-memory ``chunk`` x the owned parameters for the stacked tangents. Above
-``MAX_SOSP_I_STRUCTURES`` structures raykfe refuses and points to SOSP-H.
+``H_n = diag(p_n) - p_n p_n^T = sum_c a_nc a_nc^T`` with ``a_nc = sqrt(p_nc) (e_c - p_n)`` (one
+line of algebra, using ``sum_c p_nc = 1``), so ``Q = (1/N) V V^T`` with one column of ``V`` per
+example and class: ``V[s, (n, c)] = a_nc^T J_n theta_s = <J_n^T a_nc, theta_s>``. That is a
+REVERSE-mode quantity: one backward pass with cotangent ``a_nc`` (for every example of the batch at
+once: eval-mode examples are independent) gives it for ALL structures (:class:`_Probe`: each
+owning module's output gradient, contracted with the module's own JVP along its owned slices,
+channel by channel). Cost per batch: one forward and ``k + 1`` backward passes (``k`` classes, the
+``+1`` for ``gdot`` with cotangent ``r``), where the formula as written costs ``S`` JVPs; with
+``classes=k < C`` each example keeps its ``k`` most probable classes (the reported share of
+``trace(H)`` says how much curvature that keeps; exact when ``k = C``). ``V`` has at most ``S``
+columns (a wider one is compressed by a QR to the same ``V V^T``), travels between Train workers by
+concatenation, and Q is never formed whole: its row sums are taken in blocks
+(:mod:`raykfe.methods.gram`), sampled when ``sosp.max_pairs`` says so. ``mode="forward"`` keeps the
+formula as written (one JVP per structure, ``chunk`` per vmapped call, micro-batches keeping ``U
+[S, m, C]`` under ``_U_BUDGET`` elements), for modules the reverse mode does not know; it stops at
+``MAX_SOSP_I_STRUCTURES``.
 
 The SOSP-I saliency "from its row of Q": ``s``'s share of ``dL(M)`` for any ``M`` containing ``s``
 is ``-gdot_s + 1/2 Q_ss + 1/2 sum_{s' in M, s' != s} Q_ss'``, whose absolute value is at most::
