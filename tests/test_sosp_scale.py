@@ -218,3 +218,17 @@ def test_statistics_round_trip_and_scores_from_blocks():
     b, rows = sosp_i_rows(back, block=7)
     np.testing.assert_allclose(b, a, rtol=1e-10)
     assert rows.blocks == -(-S // 7)
+
+
+def test_job_config_sosp_section():
+    from raykfe.config import load_config
+    from raykfe.settings import PruneSettings
+
+    cfg = load_config(None, ["prune.method=sosp-i", "sosp.classes=3", "sosp.block=64", "sosp.max_pairs=10"])
+    s = PruneSettings.from_job(cfg)
+    assert (s.sosp_classes, s.sosp_block, s.sosp_max_pairs) == (3, 64, 10)
+    assert PruneSettings.from_job(load_config(None, [])).sosp_classes is None  # every class: exact
+    for bad, key in (("sosp.classes=0", "sosp.classes"), ("sosp.block=0", "sosp.block"), ("sosp.max_pairs=0", "sosp.max_pairs")):
+        with pytest.raises(ConfigError, match=key) as err:
+            load_config(None, [bad])
+        assert "\n" not in str(err.value)
