@@ -62,7 +62,8 @@ def child_models(arch: str, size: int, batch: int, classes: int, threads: int) -
         model(x)  # warm-up: the first call pays one-off costs
     model.train()
     t0 = time.perf_counter()
-    F.cross_entropy(model(x), y).backward()
+    out = model(x)
+    F.cross_entropy(out[0] if isinstance(out, tuple) else out, y).backward()  # GoogLeNet trains with auxiliary heads
     step = time.perf_counter() - t0
     model.zero_grad(set_to_none=True)
     model.eval()
