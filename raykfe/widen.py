@@ -56,7 +56,7 @@ from .errors import ConfigError
 
 __all__ = [
     "Widths", "WIDTHS_FORMAT", "widen", "widths_for", "build_widened", "widenable_groups", "widened_macs",
-    "bottleneck_groups", "scaled_widths", "uniform_widths", "plan_bottlenecks",
+    "bottleneck_groups", "scaled_widths", "uniform_widths", "plan_bottlenecks", "read_widths", "job_model",
 ]
 
 WIDTHS_FORMAT = 1
@@ -415,3 +415,42 @@ def bottleneck_groups(graph, widenable: Mapping[str, int], layers: Sequence[str]
     order = list(widenable)
     return {g: groups[g] for g in order if g in groups}, lost
 
+
+# --------------------------------------------------------------------------------------------
+# a job's model
+# --------------------------------------------------------------------------------------------
+
+
+def read_widths(uri: str) -> Widths:
+    """The widths spec at a local path or URI (``model.widths``); a one-line ConfigError if absent."""
+    from .errors import StorageError
+    from .storage import open_uri
+
+    base, sep, query = uri.partition("?")  # keep an s3:// URI's ?endpoint_override=... with its folder
+    head, _, tail = base.rpartition("/")
+    try:
+        text = open_uri((head or ".") + sep + query).read_bytes(tail).decode(errors="replace")
+    except StorageError:
+        raise ConfigError(f"model.widths='{uri}' cannot be read: give the path of a widths JSON (raykfe widen writes them)") from None
+    try:
+        return Widths.from_json(text)
+    except ConfigError as exc:
+        raise ConfigError(f"model.widths='{uri}': {exc}") from None
+
+
+def job_model(cfg, num_classes: int) -> nn.Module:
+    """The model of a job (:class:`raykfe.config.JobConfig`): ``model.name`` / ``width``, widened by
+    ``model.widths`` when given (whose base must be that model)."""
+    from .models import build_model
+
+    m = cfg.model
+    if not m.widths:
+        return build_model(m.name, num_classes, width=m.width, image_size=cfg.data.image_size)
+    w = read_widths(m.widths)
+    made = (w.model.get("name"), float(w.model.get("width", 1.0)), w.model.get("num_classes"))
+    if made != (m.name, float(m.width), num_classes):
+        raise ConfigError(
+            f"model.widths='{m.widths}' widens {made[0]} (width {made[1]:g}, {made[2]} classes), not this job's "
+            f"{m.name} (width {float(m.width):g}, {num_classes} classes): set model.name / model.width to match"
+        )
+    return build_model(**w.spec())
