@@ -65,6 +65,18 @@ def test_widened_raykfe_model_runs_with_the_widths_and_predicted_macs(name):
     assert count(model, torch.zeros(1, *SHAPE)).params == widened_macs(graph, groups)[0]
 
 
+@pytest.mark.parametrize("name", ["resnet8", "vgg_small", "mobilenet_small"])
+def test_every_group_doubled_is_the_architecture_built_at_width_2(name):
+    """Widening is not only shape-consistent: it is the architecture the model builds natively."""
+    base = build_model(name, 10)
+    graph = _graph(base)
+    wide = widen(base, torch.zeros(1, *SHAPE), {g: 2 * n for g, n in widenable_groups(base, graph).items()}, graph=graph)
+    native = build_model(name, 10, width=2.0)
+    a, b = wide.state_dict(), native.state_dict()
+    assert a.keys() == b.keys() and all(a[k].shape == b[k].shape for k in a)
+    assert [repr(m) for m in wide.modules()] == [repr(m) for m in native.modules()]  # groups, strides, features
+
+
 def test_widths_equal_to_the_base_give_the_base_exactly():
     torch.manual_seed(3)
     base = build_model("resnet8", 10)
@@ -116,7 +128,6 @@ def test_widening_is_fresh_initialisation_not_a_copy():
     assert base.features[0].weight.shape == (8, 3, 3, 3)  # the base is untouched
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("name", ["mobilenet_v2", "regnet_x_400mf"])  # depthwise convs; grouped convs (tied units)
 def test_torchvision_models_widen(name):
     torch.manual_seed(0)
