@@ -261,3 +261,20 @@ def test_widen_command_bad_input_one_line_exit_2_nothing_written(tmp_path, capsy
     err = capsys.readouterr().err.strip()
     assert err.startswith("raykfe: error: ") and message in err and "\n" not in err
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.ray
+def test_a_widened_recipe_builds_on_a_ray_worker(ray_cluster):
+    """Train workers rebuild a job's model from its spec alone (no pickle of the module)."""
+    base = build_model("resnet8", 10)
+    spec = build_model(**widths_for(base, SHAPE, {"layer3.0.conv1": 80, "conv1": 20}).spec()).raykfe_spec
+
+    @ray_cluster.remote(num_cpus=1)
+    def shapes(spec):
+        from raykfe.checkpoint import ModelRecipe
+
+        return {k: tuple(v.shape) for k, v in ModelRecipe(spec).build().state_dict().items()}
+
+    local = {k: tuple(v.shape) for k, v in ModelRecipe(spec).build().state_dict().items()}
+    assert ray_cluster.get(shapes.remote(spec)) == local
+    assert local["layer3.0.conv1.weight"][0] == 80 and local["conv1.weight"][0] == 20
