@@ -82,6 +82,14 @@ def run_widen(cfg: JobConfig, backend_for: Callable[[JobConfig], object] | None 
 
     # the job's result: its plan's flags
     src = _source_cfg(cfg)
+    try:
+        existing_result(src)
+    except StorageError as exc:
+        if "different job" not in str(exc):
+            raise
+        raise ConfigError(f"output.uri={src.output.uri!r} holds the result of a job with other settings: raykfe widen "
+                          "widens the bottlenecks of this job's own result; give the settings it was made with, or "
+                          "another output.uri") from None
     if not open_uri(src.output.uri).exists(MANIFEST):
         log(f"raykfe: no result at {src.output.uri} yet: running the job first, to find its bottlenecks")
     src_metrics = run_job(src, backend_for(src), log=log).metrics

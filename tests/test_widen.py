@@ -246,6 +246,12 @@ def test_widen_command_compares_three_networks_and_rebuilds_them(tmp_path, capsy
     # a second run shows the finished comparison without computing anything
     assert main(["widen", "-c", "jobs/digits.yaml", "--local", "--quiet", *_tiny(tmp_path)]) == 0
     assert "already holds this comparison" in capsys.readouterr().err
+    # another job's settings on the same output.uri: refused, nothing written for it
+    assert main(["widen", "-c", "jobs/digits.yaml", "--local", "--quiet", *_tiny(tmp_path, "base.epochs=2",
+                                                                                  f"widen.uri={tmp_path / 'w2'}")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "holds the result of a job with other settings" in err and "\n" not in err
+    assert not (tmp_path / "w2").exists()
 
 
 @pytest.mark.parametrize("extra, message", [
