@@ -11,6 +11,9 @@ The pipeline, one module per stage::
                              (the engine runs the steps above once, for the API, jobs and sweeps)   prune()
       -> finetune            SGD fine-tuning, evaluation
       -> checkpoint          plan (JSON) + weights (safetensors), rebuilt on load  save() / load()
+
+    plan -> its bottlenecks -> widen   channel groups grown (a widths spec, JSON), trained and pruned
+                                       again against a uniform widening of the same MACs   Widths, `raykfe widen`
 """
 
 from .api import prune
@@ -22,6 +25,7 @@ from .errors import ConfigError, DataError, NumericalError, RaykfeError, Storage
 from .factors import LayerStats, merge_stats
 from .plan import Plan, parse_target
 from .settings import PruneSettings
+from .widen import Widths
 
 __all__ = [
     "collect_factors",
@@ -36,6 +40,7 @@ __all__ = [
     "Counts",
     "merge_stats",
     "parse_target",
+    "Widths",
     "RaykfeError",
     "ConfigError",
     "DataError",

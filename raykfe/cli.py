@@ -5,7 +5,11 @@
     raykfe config [-c JOB] [key=value ...]              print the resolved config (defaults filled in)
     raykfe sweep -c jobs/digits-sweep.yaml [key=value]  a sweep of targets / methods / fine-tuning on
                                                         Ray Tune, with the Pareto front
-    raykfe report URI                                   print the report of a finished job or sweep
+    raykfe widen -c jobs/digits.yaml [key=value ...]    widen the bottlenecks the job's plan flags (x widen.factor)
+                                                        and, at the same MACs, every layer uniformly; train, prune
+                                                        and fine-tune both like the base; compare (runs the job
+                                                        first when its result is absent)
+    raykfe report URI                                   print the report of a finished job, sweep or widening
     raykfe methods                                      list the pruning methods (prune.method)
     raykfe export URI --format pt2|torchscript|onnx --out FILE
                                                         the pruned (or --base) model of a result as a
@@ -40,6 +44,14 @@ def _parser() -> argparse.ArgumentParser:
     sw.add_argument("--quiet", action="store_true", help="no progress output")
     sw.add_argument("--address", default=None, help="Ray cluster to join (default: RAY_ADDRESS, else a new local one)")
     sw.add_argument("--verbose", action="store_true", help="Ray's own log lines on the console too (ray.verbose=true)")
+    wi = sub.add_parser("widen", help="widen the bottlenecks a job's plan flags, compare with a uniform widening "
+                        "of the same MACs, both pruned again")
+    wi.add_argument("-c", "--config", required=True, help="job YAML, e.g. jobs/digits.yaml (its result is read, or made first)")
+    wi.add_argument("overrides", nargs="*", help="key=value overrides, e.g. widen.factor=2 widen.uri=results/digits-widen")
+    wi.add_argument("--quiet", action="store_true", help="no progress bars")
+    wi.add_argument("--address", default=None, help="Ray cluster to join (default: RAY_ADDRESS, else a new local one)")
+    wi.add_argument("--local", action="store_true", help="run in this process without Ray (runtime=local)")
+    wi.add_argument("--verbose", action="store_true", help="Ray's own log lines on the console too (ray.verbose=true)")
     co = sub.add_parser("config", help="print the resolved job config")
     co.add_argument("-c", "--config", default=None)
     co.add_argument("overrides", nargs="*")
@@ -159,6 +171,25 @@ def _prune(args) -> int:
     return 0
 
 
+def _widen(args) -> int:
+    from .config import load_config
+    from .widen_job import comparison_table, run_widen, widen_uri
+
+    cfg = load_config(args.config, _overrides(args))
+
+    def backend_for(job_cfg):
+        if job_cfg.runtime != "ray":
+            return None
+        from .distributed.backend import RayBackend
+
+        return RayBackend(job_cfg)
+
+    metrics = run_widen(cfg, backend_for, log=lambda m: print(m, file=sys.stderr))
+    print(comparison_table(metrics))
+    print(f"\nresult: {widen_uri(cfg)} (raykfe report {widen_uri(cfg)})")
+    return 0
+
+
 def _profile(args) -> int:
     from .config import load_config
     from .profile import profile_job
@@ -168,7 +199,8 @@ def _profile(args) -> int:
     return 0
 
 
-_COMMANDS = {"profile": _profile, "config": _config, "methods": _methods, "report": _report, "export": _export, "sweep": _sweep, "prune": _prune}
+_COMMANDS = {"profile": _profile, "config": _config, "methods": _methods, "report": _report, "export": _export, "sweep": _sweep, "prune": _prune,
+             "widen": _widen}
 
 
 def _run(args) -> int:

@@ -5,7 +5,7 @@ A job file has the sections below (every key optional, defaults shown by ``raykf
     name: digits            # a label for reports
     seed: 0
     device: cpu             # or cuda / cuda:0
-    model:    {name, width, weights}
+    model:    {name, width, weights, widths}
     data:     {name, root, image_size, val_fraction, test_fraction, augment, synthetic_size, num_classes,
                access, workers}
     base:     {epochs, lr, momentum, weight_decay, milestones, batch_size}   # trains a base model
@@ -16,6 +16,7 @@ A job file has the sections below (every key optional, defaults shown by ``raykf
     sparsity: {epochs, lr, ..., bn_l1}  # network slimming's sparsity training (prune.method=slimming)
     finetune: {epochs, lr, momentum, weight_decay, milestones, batch_size, bn_l1}
     output:   {uri, overwrite}
+    widen:    {factor, uri, max_uniform}   # raykfe widen: the bottlenecks widened vs a uniform widening
     runtime:  ray | local
     ray:      {address, num_cpus, workers, use_gpu, cpus_per_worker, actor_cpus, actor_gpus, max_actors,
                max_failures, bucket_mb, resource_wait_s, verbose}
@@ -53,6 +54,7 @@ __all__ = [
     "RayConfig",
     "LatencyConfig",
     "SospConfig",
+    "WidenConfig",
     "load_config",
     "apply_overrides",
     "config_from_dict",
@@ -70,9 +72,12 @@ class ModelConfig:
     name: str = "resnet32"
     width: float = 1.0
     weights: str | None = None  # a safetensors state_dict of the base model; None trains one
+    widths: str | None = None  # a widths spec (JSON, raykfe.widen): the model with those channel groups widened
 
     def validate(self, p: str) -> None:
         _check(self.width > 0, f"{p}.width", self.width, "use a positive width multiplier, e.g. 1.0")
+        _check(self.widths is None or bool(self.widths.strip()), f"{p}.widths", self.widths,
+               "give the path or URI of a widths JSON (raykfe widen writes them), or null")
 
 
 @dataclass(frozen=True)
@@ -355,6 +360,21 @@ class SweepConfig:
         _check(self.latency_repeats >= 1, f"{p}.latency_repeats", self.latency_repeats, "use 1 or more")
 
 
+@dataclass(frozen=True)
+class WidenConfig:
+    """``raykfe widen``: widen the bottlenecks a finished job's plan flags and compare with a
+    uniform widening of the same MACs (:mod:`raykfe.widen_job`)."""
+
+    factor: float = 2.0  # each flagged group's channels are multiplied by this
+    uri: str | None = None  # where the comparison goes (default: <output.uri>-widen, beside the job's result)
+    max_uniform: float = 8.0  # the largest uniform factor the bisection tries
+
+    def validate(self, p: str) -> None:
+        _check(self.factor > 1, f"{p}.factor", self.factor, "use a factor above 1, e.g. 2 (the SOSP paper's)")
+        _check(self.uri is None or bool(self.uri.strip()), f"{p}.uri", self.uri, "give a directory or URI, or null")
+        _check(self.max_uniform > 1, f"{p}.max_uniform", self.max_uniform, "use a factor above 1, e.g. 8")
+
+
 def expand_target(text: str) -> list[str]:
     """``'flops:0.3..0.9/4'`` -> ``['flops:0.3', 'flops:0.5', 'flops:0.7', 'flops:0.9']``; a plain target -> [it]."""
     if isinstance(text, str) and ".." in text:
@@ -396,6 +416,7 @@ class JobConfig:
     latency: LatencyConfig = field(default_factory=LatencyConfig)
     sosp: SospConfig = field(default_factory=SospConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)  # read by `raykfe sweep` only
+    widen: WidenConfig = field(default_factory=WidenConfig)  # read by `raykfe widen` only
 
     def validate(self, p: str = "") -> None:
         # the name becomes part of Ray Train / Tune run directories: one plain path component

@@ -34,8 +34,9 @@ is not one of ours (so bare ``vgg19_bn`` is the CIFAR network; ``torchvision:vgg
 ImageNet-style one). Torchvision models are built with ``weights=None`` (random init; nothing is
 ever downloaded).
 
-Every built model carries ``model.raykfe_spec = {"name", "num_classes", "width"}``, a plain
-JSON-serialisable dict such that ``build_model(**model.raykfe_spec)`` rebuilds the architecture.
+Every built model carries ``model.raykfe_spec = {"name", "num_classes", "width"}`` (and
+``"widths"`` for a widened one, :mod:`raykfe.widen`), a plain JSON-serialisable dict such that
+``build_model(**model.raykfe_spec)`` rebuilds the architecture.
 """
 
 from __future__ import annotations
@@ -261,7 +262,9 @@ def _unknown(name: str) -> ConfigError:
     )
 
 
-def build_model(name: str, num_classes: int, *, width: float = 1.0, image_size: int | None = None) -> nn.Module:
+def build_model(
+    name: str, num_classes: int, *, width: float = 1.0, image_size: int | None = None, widths: dict | None = None
+) -> nn.Module:
     """Build a randomly initialised classifier by name.
 
     Args:
@@ -272,6 +275,9 @@ def build_model(name: str, num_classes: int, *, width: float = 1.0, image_size: 
         image_size: the input size, for the torchvision models whose architecture depends on it
             (the VisionTransformers: their position embeddings); recorded in the spec only for
             them, ignored by every other model (they take any size).
+        widths: channel groups widened beyond the architecture's own (``{"input_shape", "base",
+            "groups"}``, see :mod:`raykfe.widen`): the model is built, then those groups grown,
+            freshly initialised. Recorded in the spec, so a widened model rebuilds like any other.
 
     ``nn.MultiheadAttention`` modules of torchvision models are built as raykfe's
     :class:`raykfe.attention.Attention` (the same function with Linear projections that the
@@ -281,8 +287,15 @@ def build_model(name: str, num_classes: int, *, width: float = 1.0, image_size: 
         The model (in train mode) with ``model.raykfe_spec`` set.
 
     Raises:
-        ConfigError: unknown name, bad ``num_classes`` or ``width``.
+        ConfigError: unknown name, bad ``num_classes`` or ``width``, a group ``widths`` cannot widen.
     """
+    if widths is not None:
+        from .widen import build_widened
+
+        spec = {"name": name, "num_classes": num_classes, "width": width}
+        if image_size is not None:
+            spec["image_size"] = image_size
+        return build_widened(spec, widths)
     if not isinstance(name, str) or not name:
         raise ConfigError(f"model name must be a non-empty string, got {name!r}: set model.name")
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:

@@ -35,7 +35,7 @@ from .factors import stats_from_tensors, stats_to_tensors
 from .finetune import evaluate, seed_everything, state_of
 from .methods import get_method
 from .methods.eigendamage import LayerScores, score_in_basis
-from .models import build_model
+from .widen import job_model
 from .plan import Plan
 from .recalibrate import apply_bn_sums, bn_sums
 from .report import job_table, plot_layers
@@ -160,7 +160,7 @@ class _Job:
         self.resumed: dict[str, int] = {}  # training stages continued from an epoch checkpoint
         t0 = time.perf_counter()
         self.splits = job_splits(cfg.data, cfg.seed)  # validates the data before anything is written
-        self.model = build_model(cfg.model.name, self.splits.num_classes, width=cfg.model.width, image_size=cfg.data.image_size)
+        self.model = job_model(cfg, self.splits.num_classes)  # widened by model.widths when given
         self.recipe = ModelRecipe(dict(self.model.raykfe_spec))
         self.example = self.splits.test[0][0][None]
         self.settings = PruneSettings.from_job(cfg)

@@ -342,14 +342,14 @@ def profile_job(cfg, log: Callable[[str], None] = print) -> str:
     read from ``latency.table`` and completed there, and a per-layer view of it (no data is
     read: latency depends on the shapes only). Returns the report text."""
     from .capture import layer_metas, prunable_layers
-    from .models import build_model
+    from .widen import job_model
     from .plan import allowed_forms
     from .report import format_table
     from .settings import PruneSettings
 
     s = PruneSettings.from_job(cfg)
     classes = cfg.data.num_classes or _CLASSES.get(cfg.data.name, 1000)
-    model = build_model(cfg.model.name, classes, width=cfg.model.width, image_size=cfg.data.image_size).eval()
+    model = job_model(cfg, classes).eval()
     example = torch.zeros(1, 3, cfg.data.image_size, cfg.data.image_size)
     adapters, _ = prunable_layers(model, example, conv_mode=s.conv_mode, include_classifier=s.include_classifier,
                                   exclude=s.exclude, max_factor_dim=s.max_factor_dim)

@@ -89,7 +89,7 @@ def trial_config(config: dict, setup: dict) -> JobConfig:
 
 def _prepare(cfg: JobConfig, backend_for, methods: list[str], uri: str, log) -> tuple[str, dict[str, str], dict]:
     """The base model and each family's statistics, computed once: (base uri, {family: uri}, base row)."""
-    from .models import build_model
+    from .widen import job_model
     from .data import job_splits
     from .pipeline import run_job
 
@@ -112,7 +112,7 @@ def _prepare(cfg: JobConfig, backend_for, methods: list[str], uri: str, log) -> 
     from .stages import StageStore
 
     splits = job_splits(cfg.data, cfg.seed)
-    model = build_model(cfg.model.name, splits.num_classes, width=cfg.model.width, image_size=cfg.data.image_size)
+    model = job_model(cfg, splits.num_classes)
     tensors, _ = StageStore(open_uri(base_uri)).load("base")
     model.load_state_dict(tensors)
     example = splits.test[0][0][None]
