@@ -4,6 +4,7 @@ the softmax directions kept per example, and the sampled estimate of Q's row sum
     .venv/bin/python bench/sosp_scale.py models   [--archs a,b] [--size 224] [--batch 8] [--classes 10]
     .venv/bin/python bench/sosp_scale.py classes  [--arch mobilenet_v3_small] [--size 64] [--batch 8]
     .venv/bin/python bench/sosp_scale.py sampling [--arch resnet50] [--size 224] [--batch 8] [--classes 10]
+    .venv/bin/python bench/sosp_scale.py digits
 
 ``models``: each torchvision architecture (1000 classes, random weights: no download) in a fresh
 child process (peak RSS is per process): one plain training step on the batch (for scale), one
@@ -157,6 +158,33 @@ def child_sampling(arch: str, size: int, batch: int, classes: int, threads: int)
     return out
 
 
+def child_digits(threads: int) -> dict:
+    """raykfe's resnet32 (10 classes), one batch of 128 at 32x32: reverse against forward mode."""
+    import numpy as np
+    import torch
+
+    from raykfe.channels import ChannelGraph
+    from raykfe.methods.sosp import sosp_i_rows, sosp_i_stats, structure_owner
+    from raykfe.models import build_model
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    model = build_model("resnet32", 10).eval()
+    (x, y), = _data(128, 32, classes=10)
+    owner, _, S = structure_owner(model, ChannelGraph(model, x[:1]))
+    out = {"S": S}
+    scores = {}
+    for mode in ("reverse", "forward"):
+        t0 = time.perf_counter()
+        st = sosp_i_stats(model, [(x, y)], owner, S, mode=mode)
+        out[mode] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        scores[mode] = sosp_i_rows(st)[0]
+        out[mode + "_rows"] = time.perf_counter() - t0
+    out["rel_diff"] = float(np.abs(scores["reverse"] - scores["forward"]).max() / np.abs(scores["forward"]).max())
+    return out
+
+
 def _run(part: str, **kw) -> dict:
     proc = subprocess.run([sys.executable, __file__, "--child", part, json.dumps(kw)], capture_output=True, text=True)
     if proc.returncode != 0:
@@ -166,11 +194,11 @@ def _run(part: str, **kw) -> dict:
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
-        fn = {"models": child_models, "classes": child_classes, "sampling": child_sampling}[sys.argv[2]]
+        fn = {"models": child_models, "classes": child_classes, "sampling": child_sampling, "digits": child_digits}[sys.argv[2]]
         print(json.dumps(fn(**json.loads(sys.argv[3]))))
         return
     ap = argparse.ArgumentParser()
-    ap.add_argument("part", choices=["models", "classes", "sampling"])
+    ap.add_argument("part", choices=["models", "classes", "sampling", "digits"])
     ap.add_argument("--archs", default=LISTED)
     ap.add_argument("--arch", default=None)
     ap.add_argument("--size", type=int, default=None)
@@ -191,6 +219,11 @@ def main() -> None:
             print(f"| {arch} | {r['S']} | {r['step_s']:.2f} s | {r['jvp_s']:.2f} s | {r['S'] * r['jvp_s'] / 3600:.1f} h | "
                   f"{t.get('statistics', 0.0):.1f} s | {r['total_s']:.1f} s | {r['peak_rss_gib']:.2f} GiB | "
                   f"{100 * r['achieved']:.1f}% ({'within' if r['within'] else 'NOT within'} tolerance) |", flush=True)
+    elif a.part == "digits":
+        r = _run("digits", threads=a.threads)
+        print(r if "error" in r else
+              f"resnet32, S={r['S']}, one batch of 128: reverse mode {r['reverse']:.1f} s, forward mode {r['forward']:.1f} s, "
+              f"scores' max relative difference {r['rel_diff']:.1e}; row sums {r['reverse_rows']:.2f} s")
     elif a.part == "classes":
         r = _run("classes", arch=a.arch or "mobilenet_v3_small", size=a.size or 64, batch=a.batch,
                  ks=[int(k) for k in a.ks.split(",")], threads=a.threads)
