@@ -27,16 +27,22 @@ import sys
 __all__ = ["main"]
 
 
+def _job_arguments(parser: argparse.ArgumentParser, config_help: str, overrides_help: str) -> None:
+    """The arguments of a command that runs a job (``prune``, ``widen``): its YAML, overrides and
+    where it runs."""
+    parser.add_argument("-c", "--config", required=True, help=config_help)
+    parser.add_argument("overrides", nargs="*", help=overrides_help)
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--address", default=None, help="Ray cluster to join (default: RAY_ADDRESS, else a new local one)")
+    parser.add_argument("--local", action="store_true", help="run in this process without Ray (runtime=local)")
+    parser.add_argument("--verbose", action="store_true", help="Ray's own log lines on the console too (ray.verbose=true)")
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="raykfe", description="Second-order structured pruning (EigenDamage and its baselines).")
     sub = p.add_subparsers(dest="command", required=True)
     pr = sub.add_parser("prune", help="run a pruning job from a YAML spec")
-    pr.add_argument("-c", "--config", required=True, help="job YAML, e.g. jobs/digits.yaml")
-    pr.add_argument("overrides", nargs="*", help="key=value overrides, e.g. prune.target=flops:0.7")
-    pr.add_argument("--quiet", action="store_true", help="no progress bars")
-    pr.add_argument("--address", default=None, help="Ray cluster to join (default: RAY_ADDRESS, else a new local one)")
-    pr.add_argument("--local", action="store_true", help="run in this process without Ray (runtime=local)")
-    pr.add_argument("--verbose", action="store_true", help="Ray's own log lines on the console too (ray.verbose=true)")
+    _job_arguments(pr, "job YAML, e.g. jobs/digits.yaml", "key=value overrides, e.g. prune.target=flops:0.7")
     pr.add_argument("--layers", action="store_true", help="print the per-layer table however many layers there are")
     sw = sub.add_parser("sweep", help="sweep targets, methods and fine-tuning settings on Ray Tune")
     sw.add_argument("-c", "--config", required=True, help="sweep YAML, e.g. jobs/digits-sweep.yaml")
@@ -46,12 +52,8 @@ def _parser() -> argparse.ArgumentParser:
     sw.add_argument("--verbose", action="store_true", help="Ray's own log lines on the console too (ray.verbose=true)")
     wi = sub.add_parser("widen", help="widen the bottlenecks a job's plan flags, compare with a uniform widening "
                         "of the same MACs, both pruned again")
-    wi.add_argument("-c", "--config", required=True, help="job YAML, e.g. jobs/digits.yaml (its result is read, or made first)")
-    wi.add_argument("overrides", nargs="*", help="key=value overrides, e.g. widen.factor=2 widen.uri=results/digits-widen")
-    wi.add_argument("--quiet", action="store_true", help="no progress bars")
-    wi.add_argument("--address", default=None, help="Ray cluster to join (default: RAY_ADDRESS, else a new local one)")
-    wi.add_argument("--local", action="store_true", help="run in this process without Ray (runtime=local)")
-    wi.add_argument("--verbose", action="store_true", help="Ray's own log lines on the console too (ray.verbose=true)")
+    _job_arguments(wi, "job YAML, e.g. jobs/digits.yaml (its result is read, or made first)",
+                   "key=value overrides, e.g. widen.factor=2 widen.uri=results/digits-widen")
     co = sub.add_parser("config", help="print the resolved job config")
     co.add_argument("-c", "--config", default=None)
     co.add_argument("overrides", nargs="*")
