@@ -278,14 +278,31 @@ def prune_raykfe(setup: Setup, arm: Arm, frac: float, tp_cache: dict) -> Pruned:
     """``raykfe.prune`` end to end; the predicted loss increase is the sum of its steps' (the plan's
     record; None for methods whose scores are not in loss units)."""
     t0 = time.perf_counter()
+    kwargs, base, target, info = dict(arm.kwargs), setup.base, frac, {}
+    first = kwargs.pop("first", None)
+    if first:  # "METHOD@SHARE": that method removes SHARE of the target's MACs first, this arm the rest
+        method, _, share = str(first).partition("@")
+        part = float(share) * frac
+        if method.startswith("tp-"):
+            grads, _ = tp_grads(setup, method[3:], setup.cache_dir)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                base = reach_target(setup.base, method[3:], grads, part, setup.example)[0]
+        else:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                base = raykfe.prune(setup.base, setup.prune_batches, target=f"flops:{part:g}", method=method).model
+        left = raykfe.count(base, setup.example).macs / setup.base_info["macs"]
+        target = 1 - (1 - frac) / left
+        info["first"] = {"method": method, "removed": 1 - left}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        res = raykfe.prune(setup.base, setup.prune_batches, target=f"flops:{frac:g}", **arm.kwargs)
+        res = raykfe.prune(base, setup.prune_batches, target=f"flops:{target:g}", **kwargs)
     secs = time.perf_counter() - t0
     steps = [s.get("predicted_dloss") for s in res.plan.steps]  # None: the method's scores are not in loss units
     predicted = float(sum(steps)) if steps and None not in steps else None
     achieved = res.plan.summary.achieved
-    return Pruned(res.model, secs, predicted, {"timings": res.timings, "plan_achieved": achieved})
+    return Pruned(res.model, secs, predicted, {**info, "timings": res.timings, "plan_achieved": achieved})
 
 
 def tp_grads(setup: Setup, criterion: str, cache_dir: Path) -> tuple[Any, float]:

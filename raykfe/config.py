@@ -12,7 +12,7 @@ A job file has the sections below (every key optional, defaults shown by ``raykf
     stats:    {fisher, conv_mode, batch_size, max_batches, max_factor_dim}
     prune:    {method, target, max_layer_ratio, include_classifier, exclude, tolerance, freeze_rotations,
                rounds, round_epochs, damping, steps, recalibrate_batches, recalibrate_on, rank, normalize,
-               hybrid, ekfac, forms, round_to}
+               hybrid, ekfac, forms, round_to, channel_share, channel_method}
     sparsity: {epochs, lr, ..., bn_l1}  # network slimming's sparsity training (prune.method=slimming)
     finetune: {epochs, lr, momentum, weight_decay, milestones, batch_size, bn_l1}
     output:   {uri, overwrite}
@@ -178,6 +178,8 @@ class PruneConfig:
     ekfac: bool = False  # KFE scores from the measured second moments in the eigenbasis (EKFAC)
     forms: str = "cheapest"  # pruned KFE layers in their cheapest exact form, or "three" layers
     round_to: int | None = None  # kept directions a multiple of this (null: 1 on CPU, 8 on a GPU)
+    channel_share: float = 0.0  # KFE methods: share of the target removed by whole channels first (channel_method)
+    channel_method: str = "c-obd"  # the channel step's ranking
 
     def validate(self, p: str) -> None:
         from .methods import METHODS
@@ -209,6 +211,14 @@ class PruneConfig:
         _check(self.steps == 1 or tgt.kind != "directions", f"{p}.steps", self.steps, "steps aim at params:F or flops:F")
         _check(self.recalibrate_batches >= 0, f"{p}.recalibrate_batches", self.recalibrate_batches,
                "use 0 (off) or a number of batches, e.g. 10")
+        _check(0 <= self.channel_share < 1, f"{p}.channel_share", self.channel_share, "use a fraction in [0, 1), e.g. 0.3 (0: off)")
+        _check(self.channel_share == 0 or (METHODS[self.method].space == "kfe" and self.n_rounds == 1), f"{p}.channel_share",
+               self.channel_share, "a channel step comes before one-shot eigendamage only: set it to 0")
+        _check(self.channel_share == 0 or tgt.kind in ("flops", "params"), f"{p}.channel_share", self.channel_share,
+               "a channel step needs a params:F or flops:F target: set it to 0")
+        _check(self.channel_method in METHODS and METHODS[self.channel_method].space == "channels"
+               and not METHODS[self.channel_method].needs_job and METHODS[self.channel_method].rounds == 1,
+               f"{p}.channel_method", self.channel_method, "use a one-pass channel method, e.g. c-obd, kron-obs or l1")
         _check(self.recalibrate_on in ("driver", "workers"), f"{p}.recalibrate_on", self.recalibrate_on, "use driver or workers")
         _check(self.forms in ("cheapest", "three", "latency"), f"{p}.forms", self.forms,
                "use cheapest (each pruned layer's cheapest exact form by MACs), latency (the fastest by a measured "

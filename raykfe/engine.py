@@ -257,6 +257,9 @@ def prune(model: nn.Module, source: Source, method: str = "eigendamage", target:
     if attention_names(model):  # q / k / v / out as Linear layers every method sees (rebuild does the same)
         model = copy.deepcopy(model)
         convert_attention(model)
+    if _channels_first(m, tgt, settings):
+        new, plan, stats, timings = _prune_channels_first(model, source, m, tgt, settings)
+        return PruneResult(new, plan, plan_report(plan), stats, timings)
     run = _Run(model, source, m, settings)
     new, plan = run.run(tgt)
     return PruneResult(new, plan, plan_report(plan), run.space.stats, run.timings)
@@ -264,8 +267,150 @@ def prune(model: nn.Module, source: Source, method: str = "eigendamage", target:
 
 def prepare(model: nn.Module, source: Source, method: str, settings: PruneSettings | None = None) -> None:
     """Compute (and let ``source`` keep) the stages that do not depend on the target: the
-    statistics and the scores of the first round (a sweep's driver, once per method family)."""
-    _Run(model, source, get_method(method), settings or PruneSettings()).space.score(model, None, 1)
+    statistics and the scores of the first round (a sweep's driver, once per method family;
+    with ``channel_share``, the channel step's, the KFE step's depending on the target)."""
+    m, settings = get_method(method), settings or PruneSettings()
+    if _channels_first(m, None, settings):
+        cm, cs = _channel_step(settings)
+        _Run(model, _Narrowed(source, None, CHANNEL_TAG), cm, cs).space.score(model, None, 1)
+        return
+    _Run(model, source, m, settings).space.score(model, None, 1)
+
+
+# ------------------------------------------------------------------------------------------------
+# channels first: a KFE method's target reached by a channel step, then the KFE step(s)
+# ------------------------------------------------------------------------------------------------
+
+#: stage-name tags of the two parts (``stats-channels``, ``plan-channels``; ``stats-narrowed``, ...)
+CHANNEL_TAG, NARROWED_TAG = "-channels", "-narrowed"
+
+
+def _channels_first(method: Method, target: Target | None, settings: PruneSettings) -> bool:
+    """Whether ``settings.channel_share`` applies: a one-shot KFE method aiming at params / flops."""
+    if settings.channel_share <= 0 or method.space != "kfe":
+        return False
+    if method.rounds > 1:
+        raise ConfigError(f"prune.channel_share applies to one-shot eigendamage, not {method.name!r}: set it to 0")
+    if target is not None and target.kind not in ("flops", "params"):
+        raise ConfigError(f"target {target}: prune.channel_share needs a params:F or flops:F target: set it to 0")
+    return True
+
+
+def _channel_step(settings: PruneSettings) -> tuple[Method, PruneSettings]:
+    """The channel step's method and settings: the channel method's own ranking, one step."""
+    cm = get_method(settings.channel_method)
+    if cm.space != "channels" or cm.needs_job or cm.rounds > 1:
+        raise ConfigError(f"prune.channel_method={settings.channel_method!r} is not a one-pass channel method: "
+                          "use c-obd, kron-obd, kron-obs, c-obs, sosp-h, sosp-i or l1")
+    return cm, dataclasses.replace(settings, rank=None, normalize=None, steps=1, channel_share=0.0)
+
+
+class _Narrowed:
+    """A source seen by one part of a channels-first prune: stage names carry the part's ``tag``,
+    and every plan handed on (to rebuild the model on the workers) is the ``prior`` channel plan
+    with the part's own plan composed onto it, i.e. relative to the original model."""
+
+    def __init__(self, source: Source, prior: Plan | None, tag: str, groups=None) -> None:
+        self.source, self.prior, self.tag, self.groups = source, prior, tag, groups
+        self.example = source.example
+
+    def _plan(self, plan: Plan | None) -> Plan | None:
+        if self.prior is None:
+            return plan
+        return self.prior if plan is None else _joined(self.prior, plan, self.groups)
+
+    def kfac(self, model, plan, layers, conv_mode, stage):
+        return self.source.kfac(model, self._plan(plan), layers, conv_mode, stage + self.tag)
+
+    def measure(self, model, plan, kind, spec, stage):
+        return self.source.measure(model, self._plan(plan), kind, spec, stage + self.tag)
+
+    def bases(self, stats, weights, stage):
+        return self.source.bases(stats, weights, stage + self.tag)
+
+    def train(self, model, plan, stage):
+        return self.source.train(model, self._plan(plan), stage + self.tag)
+
+    def recall_plan(self, stage):
+        return self.source.recall_plan(stage + self.tag)
+
+    def keep_plan(self, stage, plan):
+        self.source.keep_plan(stage + self.tag, plan)
+
+    def recall_round(self, r):
+        return None
+
+    def keep_round(self, r, plan, state):
+        pass
+
+    def bn_sums(self, model, plan, n_batches):
+        return self.source.bn_sums(model, self._plan(plan), n_batches)
+
+    def evaluate(self, model):
+        return self.source.evaluate(model)
+
+    def fit_loss(self, model):
+        return self.source.fit_loss(model)
+
+    def log(self, message):
+        self.source.log(message)
+
+
+def _joined(prior: Plan, plan: Plan, groups) -> Plan:
+    """``plan`` (made on the model ``prior`` narrowed) on top of ``prior``: one plan of the original
+    model, rebuilt as channels first, then the KFE layers. ``groups``: the original channel groups
+    ``(name, size)`` in forward order (a hybrid ``plan`` removes channels of the narrowed ones)."""
+    from .hybrid import compose_removed
+
+    removed = compose_removed(groups, prior.removed, plan.removed) if plan.removed else prior.removed
+    channels = dict(prior.channels)
+    for name, c in plan.channels.items():  # a hybrid plan's groups: kept of the narrowed width
+        p = prior.channels.get(name)
+        channels[name] = c if p is None else dataclasses.replace(
+            c, total=p.total, dense_params=p.dense_params, dense_macs=p.dense_macs,
+            predicted_dloss=None if c.predicted_dloss is None and p.predicted_dloss is None
+            else (c.predicted_dloss or 0.0) + (p.predicted_dloss or 0.0))
+    return dataclasses.replace(plan, removed=removed, channels=channels, base_params=prior.base_params,
+                               base_macs=prior.base_macs, input_shape=prior.input_shape or plan.input_shape)
+
+
+def _prune_channels_first(model: nn.Module, source: Source, method: Method, tgt: Target, settings: PruneSettings):
+    """``settings.channel_share`` of the target's cost removed by whole channels first
+    (``settings.channel_method``, its own statistics, BatchNorm recalibrated), then the rest by
+    ``method`` on the narrowed model with statistics re-collected there. Returns the pruned
+    model, the joined plan (relative to ``model``), the KFE step's statistics and the timings."""
+    from .channels import ChannelGraph
+
+    cm, cs = _channel_step(settings)
+    metric = "macs" if tgt.kind == "flops" else "params"
+    example = source.example.to(_device(model))
+    base = getattr(count(model, example), metric)
+    first = _Run(model, _Narrowed(source, None, CHANNEL_TAG), cm, cs)
+    part = Target(tgt.kind, settings.channel_share * tgt.fraction)
+    source.log(f"raykfe: channels first: {cm.name} removes {100 * part.fraction:.1f}% of the {metric}, then {method.name} the rest")
+    narrowed, cplan = first.run(part)
+    left = getattr(count(narrowed, example), metric) / base
+    rest = Target(tgt.kind, 1.0 - (1.0 - tgt.fraction) / left)
+    if rest.fraction <= 0:  # the channel step already met the whole target
+        return narrowed, cplan, None, first.timings
+    graph = ChannelGraph(model, example, exclude=settings.exclude, include_classifier=settings.include_classifier)
+    groups = [(g.name, g.size) for g in graph.groups]
+    second = _Run(narrowed, _Narrowed(source, cplan, NARROWED_TAG, groups), method, settings)
+    new, kplan = second.run(rest)
+    plan = _joined(cplan, kplan, groups)
+    achieved = 1.0 - getattr(count(new, example), metric) / base
+    steps = [{**st, "method": cm.name} for st in cplan.steps]
+    steps += [{**st, "round": st["round"] + len(steps), "method": method.name} for st in kplan.steps]
+    summary = Summary(str(tgt), achieved, bool(achieved - tgt.fraction <= settings.tolerance),
+                      cplan.summary.units_removed + kplan.summary.units_removed,
+                      cplan.summary.units_total + kplan.summary.units_total)
+    plan = dataclasses.replace(plan, method=method.name, target=str(tgt), summary=summary, steps=steps,
+                               settings=settings.for_method(method).to_dict())
+    check_counts(new, plan, example)
+    timings = dict(first.timings)
+    for k, v in second.timings.items():
+        timings[k] = timings.get(k, 0.0) + v
+    return new, plan, second.space.stats, timings
 
 
 def check_counts(model: nn.Module, plan: Plan, example: torch.Tensor, what: str = "the rebuilt model") -> None:

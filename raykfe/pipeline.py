@@ -312,7 +312,9 @@ def _shown_settings(job: _Job, plan: Plan) -> dict:
     s, m = job.settings.for_method(job.method), job.method
     shown = {"max_layer_ratio": s.layer_ratio(s.rounds or m.rounds), **{k: getattr(s, k) for k in m.shown}}
     if shown.get("rank") == "auto":
-        shown["rank"] = f"auto ({', '.join(str(st.get('rank', '?')) for st in plan.steps)})"
+        shown["rank"] = f"auto ({', '.join(str(st['rank']) for st in plan.steps if 'rank' in st) or '?'})"
+    if m.space == "kfe" and s.channel_share > 0:
+        shown.update(channel_share=s.channel_share, channel_method=s.channel_method)
     return shown
 
 

@@ -75,6 +75,9 @@ class PruneSettings:
       directions of the loss curvature (None: every class, exact); ``sosp_block``: structures per
       block of SOSP-I's pairwise matrix; ``sosp_max_pairs``: block pairs computed (None: all, exact;
       fewer: sampled, unbiased for the row sums) (:mod:`raykfe.methods.gram`);
+    * ``channel_share``: a KFE method first removes this share of the target's cost by whole
+      channels (``channel_method``'s ranking, its own statistics pass, BatchNorm recalibrated),
+      then the rest in the eigenbasis of the narrowed model, statistics re-collected there (0: off);
     * ``progress``: progress bars on the statistics passes.
     """
 
@@ -106,6 +109,8 @@ class PruneSettings:
     sosp_classes: int | None = None
     sosp_block: int = 2048
     sosp_max_pairs: int | None = None
+    channel_share: float = 0.0
+    channel_method: str = "c-obd"
     progress: bool = False
 
     def __post_init__(self) -> None:
@@ -136,6 +141,7 @@ class PruneSettings:
             ("sosp_classes", self.sosp_classes is None or self.sosp_classes >= 1, "use a positive number of classes, or None for all"),
             ("sosp_block", self.sosp_block >= 1, "use a positive block size, e.g. 2048"),
             ("sosp_max_pairs", self.sosp_max_pairs is None or self.sosp_max_pairs >= 1, "use a positive number of block pairs, or None for all"),
+            ("channel_share", 0 <= self.channel_share < 1, "use a fraction in [0, 1), e.g. 0.3 (0: off)"),
         ]
         for key, ok, fix in checks:
             if not ok:
@@ -180,5 +186,5 @@ class PruneSettings:
             latency_device="cuda" if str(cfg.device).startswith("cuda") else "cpu",
             round_to=p.round_to or (8 if str(cfg.device).startswith("cuda") else 1),
             sosp_classes=cfg.sosp.classes, sosp_block=cfg.sosp.block, sosp_max_pairs=cfg.sosp.max_pairs,
-            progress=cfg.progress,
+            channel_share=p.channel_share, channel_method=p.channel_method, progress=cfg.progress,
         )
